@@ -1,0 +1,39 @@
+"""ITEM-RT: universal fake-image detection by image-text misalignment, fast.
+
+The lean runtime (this package) needs numpy, Pillow, tokenizers and ONNX Runtime only.
+"""
+
+from .errors import (
+    BundleError,
+    BundleIntegrityError,
+    BundleNotFoundError,
+    BundleVersionError,
+    CorruptImageError,
+    ImageError,
+    ImageNotFoundError,
+    ImageTooLargeError,
+    ItemError,
+    UnsupportedImageError,
+    WeightsNotFoundError,
+)
+from .results import DetectionResult, ObjectResult
+from .runtime import Runtime
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Runtime",
+    "DetectionResult",
+    "ObjectResult",
+    "ItemError",
+    "ImageError",
+    "ImageNotFoundError",
+    "UnsupportedImageError",
+    "CorruptImageError",
+    "ImageTooLargeError",
+    "BundleError",
+    "BundleNotFoundError",
+    "BundleIntegrityError",
+    "BundleVersionError",
+    "WeightsNotFoundError",
+]

@@ -1,0 +1,61 @@
+"""Inference sessions with name-based I/O and loud failure.
+
+One small interface, `Session.run(feeds) -> outputs by name`, so the model modules do not
+care which engine runs a graph. ONNX Runtime (CPU by default) is the backend here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BundleError
+
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How graphs run. `threads` 0 lets ONNX Runtime use every core."""
+
+    threads: int = 0
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    # Spinning threads burn the cores that concurrently running stages need.
+    spin: bool = False
+
+
+class OrtSession:
+    def __init__(self, path: Path, name: str, options: SessionOptions = SessionOptions()):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = options.threads or (os.cpu_count() or 1)
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin else "0")
+        try:
+            self._sess = ort.InferenceSession(str(path), sess_options=so, providers=list(options.providers))
+        except Exception as e:  # ORT raises its own opaque types
+            raise BundleError(f"ONNX Runtime could not load {name} from {path}: {e}") from None
+        self.name = name
+        self.inputs = {i.name: _ORT_DTYPES.get(i.type) for i in self._sess.get_inputs()}
+        self.outputs = [o.name for o in self._sess.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        if feeds.keys() != self.inputs.keys():
+            raise ValueError(f"{self.name}: inputs are {sorted(self.inputs)}, got {sorted(feeds)}")
+        for k, v in feeds.items():
+            if v.dtype != self.inputs[k]:
+                raise TypeError(f"{self.name}: input {k} must be {np.dtype(self.inputs[k])}, got {v.dtype}")
+        names = outputs or self.outputs
+        return dict(zip(names, self._sess.run(names, feeds)))
+

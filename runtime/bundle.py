@@ -1,0 +1,121 @@
+"""The bundle: one self-describing folder. Loading fails closed.
+
+manifest.json lists every file with its sha256; components carry I/O names, dtypes,
+dynamic axes, precision and parity numbers; preprocessing, tokenizers, decoding limits,
+the feature recipe, threshold and provenance live beside them (DESIGN.md section 3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import BundleIntegrityError, BundleNotFoundError, BundleVersionError
+
+FORMAT = "itemrt-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+# Graphs every bundle must hold, by the name the runtime asks for.
+REQUIRED_COMPONENTS = (
+    "captioner_vision",
+    "captioner_cross_kv",
+    "captioner_decoder",
+    "detector_image",
+    "detector_text",
+    "detector_head",
+    "clip_image",
+    "clip_text",
+    "head",
+)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Bundle:
+    root: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, root: str | Path, verify: bool = True) -> "Bundle":
+        root = Path(root)
+        mpath = root / MANIFEST
+        if not mpath.is_file():
+            raise BundleNotFoundError(
+                f"no bundle at {root} ({MANIFEST} missing); create one with `item export --out {root} ...`"
+            )
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BundleIntegrityError(f"{mpath} is not valid JSON ({e}); {_redo(None, root)}") from None
+        bundle = cls(root, manifest)
+        bundle._check_version()
+        bundle._check_files(verify)
+        return bundle
+
+    # --- checks -------------------------------------------------------------------------
+
+    def _check_version(self) -> None:
+        m = self.manifest
+        if m.get("format") != FORMAT:
+            raise BundleVersionError(f"{self.root} is not an itemrt bundle; {_redo(m, self.root)}")
+        if m.get("format_version") != FORMAT_VERSION:
+            raise BundleVersionError(
+                f"bundle format {m.get('format_version')!r} written by itemrt {m.get('itemrt_version')!r}; "
+                f"this itemrt reads format {FORMAT_VERSION}. {_redo(m, self.root)}"
+            )
+        missing = [c for c in REQUIRED_COMPONENTS if c not in m.get("components", {})]
+        if missing:
+            raise BundleVersionError(f"manifest lacks components {missing}; {_redo(m, self.root)}")
+
+    def _check_files(self, verify_hashes: bool) -> None:
+        for rel, digest in self.manifest.get("files", {}).items():
+            path = self.root / rel
+            if not path.is_file():
+                raise BundleIntegrityError(f"bundle file {rel} is missing; {_redo(self.manifest, self.root)}")
+            if verify_hashes and sha256_file(path) != digest:
+                raise BundleIntegrityError(
+                    f"bundle file {rel} does not match its sha256 in the manifest (changed or corrupt); "
+                    f"{_redo(self.manifest, self.root)}"
+                )
+        for name, comp in self.manifest["components"].items():
+            if comp["file"] not in self.manifest.get("files", {}):
+                raise BundleIntegrityError(f"component {name}'s file {comp['file']} is not hashed in the manifest")
+
+    # --- access -------------------------------------------------------------------------
+
+    def file(self, rel: str) -> Path:
+        if rel not in self.manifest["files"]:
+            raise BundleIntegrityError(f"{rel} is not listed in the manifest of {self.root}")
+        return self.root / rel
+
+    def component(self, name: str) -> dict[str, Any]:
+        return self.manifest["components"][name]
+
+    def component_path(self, name: str) -> Path:
+        return self.file(self.component(name)["file"])
+
+    @property
+    def name(self) -> str:
+        return self.manifest.get("name", self.root.name)
+
+    @property
+    def trained(self) -> bool:
+        return bool(self.manifest["head"]["trained"])
+
+
+def _redo(manifest: dict | None, root: Path) -> str:
+    cmd = (manifest or {}).get("export_command")
+    if cmd:
+        return f"re-export it with: {cmd}"
+    return f"re-export it with `item export --out {root} ...`"

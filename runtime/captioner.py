@@ -1,0 +1,77 @@
+"""BLIP captioner: vision encoder, cross-attention K/V once per image, greedy KV-cache decoding."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import OrtSession
+from .text import TextTokenizer
+
+
+@dataclass(frozen=True)
+class DecodingSpec:
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    max_new_tokens: int
+    layers: int
+    heads: int
+    head_dim: int
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecodingSpec":
+        return cls(**d)
+
+
+@dataclass
+class Captions:
+    texts: list[str]
+    tokens: list[list[int]]  # generated ids per image, end-of-sentence included when reached
+    step_ms: list[float]  # one entry per decoder step (the whole batch per step)
+
+
+class Captioner:
+    def __init__(
+        self,
+        vision: OrtSession,
+        cross_kv: OrtSession,
+        decoder: OrtSession,
+        tokenizer: TextTokenizer,
+        spec: DecodingSpec,
+    ):
+        self.vision, self.cross, self.decoder = vision, cross_kv, decoder
+        self.tokenizer, self.spec = tokenizer, spec
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        return self.vision.run({"pixel_values": pixels})["image_embeds"]
+
+    def cross_kv(self, image_embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self.cross.run({"image_embeds": image_embeds})
+        return out["cross_k"], out["cross_v"]
+
+    def generate(self, cross_k: np.ndarray, cross_v: np.ndarray, max_new_tokens: int | None = None) -> Captions:
+        """Greedy decoding, the same as `generate(do_sample=False, num_beams=1)` of the reference."""
+        s = self.spec
+        limit = s.max_new_tokens if max_new_tokens is None else max_new_tokens
+        batch = cross_k.shape[1]
+        ids = np.full((batch, 1), s.bos_id, np.int64)
+        past = np.zeros((s.layers, 2, batch, s.heads, 0, s.head_dim), np.float32)
+        done = np.zeros(batch, bool)
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        steps: list[float] = []
+        for _ in range(limit):
+            t0 = time.perf_counter()
+            out = self.decoder.run({"input_ids": ids, "past_kv": past, "cross_k": cross_k, "cross_v": cross_v})
+            nxt = out["logits"].argmax(-1)
+            steps.append((time.perf_counter() - t0) * 1e3)
+            nxt = np.where(done, s.pad_id, nxt)
+            for b in np.flatnonzero(~done):
+                tokens[b].append(int(nxt[b]))
+            done |= nxt == s.eos_id
+            if done.all():
+                break
+            ids, past = nxt[:, None].astype(np.int64), out["present_kv"]
+        return Captions([self.tokenizer.decode(t) for t in tokens], tokens, steps)

@@ -1,0 +1,74 @@
+"""OWL-ViT open-vocabulary detector: image side, text queries, class head, best box per word."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import OrtSession
+from .text import TextTokenizer
+
+
+@dataclass(frozen=True)
+class Detection:
+    word: str
+    found: bool
+    score: float  # sigmoid score of the best box labelled with the word (or of any box, if not found)
+    box: tuple[float, float, float, float] | None  # xyxy pixels of the original image
+
+
+class Detector:
+    def __init__(
+        self,
+        image: OrtSession,
+        head: OrtSession,
+        text: OrtSession | None = None,
+        tokenizer: TextTokenizer | None = None,
+    ):
+        # The text tower is only needed to build the word bank; the runtime reads the bank.
+        self.image, self.head, self.text, self.tokenizer = image, head, text, tokenizer
+
+    def encode_image(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        return self.image.run({"pixel_values": pixels})
+
+    def encode_text(self, queries: list[str]) -> np.ndarray:
+        if self.text is None or self.tokenizer is None:
+            raise RuntimeError("this Detector was built without its text tower")
+        ids, mask = self.tokenizer(queries)
+        return self.text.run({"input_ids": ids, "attention_mask": mask})["query_embeds"]
+
+    def logits(self, image_out: dict[str, np.ndarray], queries: np.ndarray) -> np.ndarray:
+        """queries (B, Q, D) -> class logits (B, P, Q)."""
+        feeds = {k: image_out[k] for k in ("class_embeds", "logit_shift", "logit_scale")}
+        return self.head.run({**feeds, "query_embeds": queries})["logits"]
+
+    @staticmethod
+    def decode(
+        logits: np.ndarray, boxes: np.ndarray, words: list[str], size: tuple[int, int], threshold: float
+    ) -> list[Detection]:
+        """One image: logits (P, Q>=len(words)), boxes (P, 4) cxcywh in [0, 1], size (w, h).
+
+        Like the detector's own post-processing, each box takes its best word; a word is
+        found when a box labelled with it scores above the threshold, and takes the best one.
+        """
+        q = len(words)
+        logits = logits[:, :q]
+        labels = logits.argmax(-1)
+        scores = _sigmoid(logits.max(-1))
+        w, h = size
+        cx, cy, bw, bh = boxes.T
+        xyxy = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1) * np.array([w, h, w, h], np.float32)
+        out = []
+        for j, word in enumerate(words):
+            mine = np.flatnonzero((labels == j) & (scores > threshold))
+            if mine.size:
+                best = mine[scores[mine].argmax()]
+                out.append(Detection(word, True, float(scores[best]), tuple(float(v) for v in xyxy[best])))
+            else:
+                out.append(Detection(word, False, float(_sigmoid(logits[:, j].max())), None))
+        return out
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))

@@ -1,0 +1,74 @@
+"""Typed errors. Every failure a caller can act on has its own class and a stable `code`."""
+
+from __future__ import annotations
+
+
+class ItemError(Exception):
+    """Base of every error ITEM-RT raises on purpose."""
+
+    code = "item_error"
+
+
+# --- images -------------------------------------------------------------------------------
+
+
+class ImageError(ItemError, ValueError):
+    """The input could not be turned into an RGB image."""
+
+    code = "bad_image"
+
+
+class ImageNotFoundError(ImageError, FileNotFoundError):
+    code = "image_not_found"
+
+
+class UnsupportedImageError(ImageError):
+    """Not an image at all, or an array/object of the wrong kind."""
+
+    code = "unsupported_image"
+
+
+class CorruptImageError(ImageError):
+    """Empty, truncated or undecodable image data."""
+
+    code = "corrupt_image"
+
+
+class ImageTooLargeError(ImageError):
+    """Over the byte or pixel limits (decompression bombs land here)."""
+
+    code = "image_too_large"
+
+
+# --- bundles ------------------------------------------------------------------------------
+
+
+class BundleError(ItemError):
+    """A bundle cannot be used; the message says what to re-export."""
+
+    code = "bad_bundle"
+
+
+class BundleNotFoundError(BundleError, FileNotFoundError):
+    code = "bundle_not_found"
+
+
+class BundleIntegrityError(BundleError):
+    """A listed file is missing or its sha256 differs from the manifest."""
+
+    code = "bundle_integrity"
+
+
+class BundleVersionError(BundleError):
+    """The manifest was written by an incompatible version, or names something unknown."""
+
+    code = "bundle_version"
+
+
+# --- export side --------------------------------------------------------------------------
+
+
+class WeightsNotFoundError(ItemError, FileNotFoundError):
+    """A model folder or Hugging Face cache entry is missing (nothing is ever downloaded)."""
+
+    code = "weights_not_found"

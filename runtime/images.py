@@ -1,0 +1,157 @@
+"""Decode any supported input once into an RGB PIL image, safely.
+
+Hostile input gets a typed error (see errors.py) before it can cost memory: byte size is
+checked before reading, pixel count from the header before decoding.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import (
+    CorruptImageError,
+    ImageNotFoundError,
+    ImageTooLargeError,
+    UnsupportedImageError,
+)
+
+ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 64_000_000  # ~8000 x 8000
+    max_side: int = 20_000
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+_HIGH_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+
+
+def load_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """Path, bytes, PIL image or HxWx3 uint8 array -> upright RGB PIL image (first frame)."""
+    if isinstance(source, np.ndarray):
+        return _from_array(source, limits)
+    if isinstance(source, Image.Image):
+        _check_size(source.size, limits)
+        return _to_rgb(_upright(_first_frame(source)))
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    elif isinstance(source, (str, os.PathLike)):
+        data = _read_file(Path(source), limits)
+    else:
+        raise UnsupportedImageError(
+            f"unsupported input type {type(source).__name__}: "
+            "give a path, bytes, a PIL image or an HxWx3 uint8 array"
+        )
+    return decode_bytes(data, limits)
+
+
+def decode_bytes(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    if len(data) == 0:
+        raise CorruptImageError("empty image data (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise ImageTooLargeError(f"image data is {len(data)} bytes, over the limit of {limits.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between 1x and 2x its own limit; treat that as a bomb too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            _check_size(img.size, limits)  # header only: nothing decoded yet
+            img = _first_frame(img)
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageTooLargeError(f"decompression bomb refused: {e}") from None
+    except UnidentifiedImageError:
+        raise UnsupportedImageError("not a recognized image format") from None
+    except ImageTooLargeError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
+        raise CorruptImageError(f"truncated or corrupt image: {e}") from None
+    return _to_rgb(_upright(img))
+
+
+def _read_file(path: Path, limits: ImageLimits) -> bytes:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageNotFoundError(f"no such image file: {path}") from None
+    if path.is_dir():
+        raise UnsupportedImageError(f"{path} is a directory, not an image")
+    if size > limits.max_bytes:
+        raise ImageTooLargeError(f"{path} is {size} bytes, over the limit of {limits.max_bytes}")
+    return path.read_bytes()
+
+
+def _check_size(size: tuple[int, int], limits: ImageLimits) -> None:
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise CorruptImageError(f"image has no pixels ({w}x{h})")
+    if w > limits.max_side or h > limits.max_side or w * h > limits.max_pixels:
+        raise ImageTooLargeError(
+            f"image is {w}x{h}; limits are {limits.max_side} px per side and {limits.max_pixels} pixels"
+        )
+
+
+def _from_array(arr: np.ndarray, limits: ImageLimits) -> Image.Image:
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise UnsupportedImageError(
+            f"arrays must be HxWx3 uint8 RGB; got shape {arr.shape} dtype {arr.dtype}"
+        )
+    _check_size((arr.shape[1], arr.shape[0]), limits)
+    return Image.fromarray(np.ascontiguousarray(arr), "RGB")
+
+
+def _first_frame(img: Image.Image) -> Image.Image:
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)
+    return img
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block must not reject an otherwise good image
+        return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Same rule as the reference processors (alpha composited on white), plus high bit depths."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in _HIGH_DEPTH_MODES:
+        img = Image.fromarray(_to_uint8(np.asarray(img)), "L")
+    rgba = img.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+def _to_uint8(a: np.ndarray) -> np.ndarray:
+    if a.dtype.kind == "f":
+        a = np.nan_to_num(a.astype(np.float64))
+        scale = 255.0 if a.max(initial=0.0) <= 1.0 else 1.0
+        return np.clip(a * scale, 0, 255).astype(np.uint8)
+    # 16-bit (and 32-bit holding 16-bit data): keep the top 8 bits of the 16-bit range
+    return (np.clip(a.astype(np.int64), 0, 65535) // 257).astype(np.uint8)
+
+
+def crop_box(img: Image.Image, box: tuple[float, float, float, float]) -> Image.Image:
+    """Crop an xyxy pixel box (floats, may reach past the border) to at least 1x1 pixel."""
+    w, h = img.size
+    x0 = min(max(0, math.floor(box[0])), w - 1)
+    y0 = min(max(0, math.floor(box[1])), h - 1)
+    x1 = max(min(w, math.ceil(box[2])), x0 + 1)
+    y1 = max(min(h, math.ceil(box[3])), y0 + 1)
+    return img.crop((x0, y0, x1, y1))

@@ -1,0 +1,229 @@
+"""`Runtime(bundle).detect(image)`: the ITEM chain on exported graphs, no torch.
+
+image -> captioner -> caption -> object words -> detector boxes -> crops
+      -> CLIP on [image, crops] and on [caption, words] -> features -> head -> p(fake)
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .backend import OrtSession, SessionOptions
+from .bundle import Bundle
+from .captioner import Captioner, DecodingSpec
+from .clip import Clip
+from .detector import Detection, Detector
+from .errors import BundleIntegrityError, ImageError
+from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, crop_box, load_image
+from .preprocess import ImageSpec, preprocess
+from .recipe import Pairs, distances, recipe
+from .results import DetectionResult, ObjectResult
+from .text import TextTokenizer, TokenizerSpec
+from .words import Vocabulary
+
+
+class Timings(dict):
+    """Stage name -> milliseconds (summed when a stage runs more than once)."""
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
+
+
+class WordBank:
+    """Object word -> CLIP text embedding and detector query, precomputed at export."""
+
+    def __init__(self, path: Path, vocabulary: Vocabulary):
+        with np.load(path, allow_pickle=False) as z:
+            words = [str(w) for w in z["words"]]
+            self.clip, self.detector = z["clip"], z["detector"]
+        self.index = {w: i for i, w in enumerate(words)}
+        missing = [w for w in vocabulary.objects if w not in self.index]
+        if missing:
+            raise BundleIntegrityError(f"word bank lacks {len(missing)} vocabulary words (e.g. {missing[:3]})")
+
+    def rows(self, words: list[str]) -> list[int]:
+        return [self.index[w] for w in words]
+
+
+class Runtime:
+    """Load a bundle once; detect on paths, bytes, PIL images or HxWx3 uint8 arrays.
+
+    Thread-safe: sessions are shared, caches are locked.
+    """
+
+    def __init__(
+        self,
+        bundle: str | Path,
+        *,
+        threads: int = 0,
+        parallel: bool = True,
+        verify: bool = True,
+        image_limits: ImageLimits = DEFAULT_LIMITS,
+    ):
+        self.bundle = b = Bundle.open(bundle, verify=verify)
+        m = b.manifest
+        opts = SessionOptions(threads=threads)
+
+        def session(name: str) -> OrtSession:
+            return OrtSession(b.component_path(name), name, opts)
+
+        def tokenizer(section: str) -> TextTokenizer:
+            spec = TokenizerSpec.from_dict(m[section]["tokenizer"])
+            return TextTokenizer(b.file(spec.file), spec)
+
+        self.captioner = Captioner(
+            session("captioner_vision"),
+            session("captioner_cross_kv"),
+            session("captioner_decoder"),
+            tokenizer("captioner"),
+            DecodingSpec.from_dict(m["captioner"]["decoding"]),
+        )
+        self.detector = Detector(session("detector_image"), session("detector_head"))
+        self.clip = Clip(session("clip_image"), session("clip_text"), tokenizer("clip"))
+        self.head = session("head")
+        self.specs = {k: ImageSpec.from_dict(m[k]["preprocess"]) for k in ("captioner", "detector", "clip")}
+        self.vocabulary = Vocabulary.load(b.file(m["words"]["vocabulary"]))
+        self.bank = WordBank(b.file(m["words"]["bank"]), self.vocabulary)
+        self.max_objects = int(m["words"]["max_objects"])
+        self.det_threshold = float(m["detector"]["threshold"])
+        self.features, _ = recipe(m["head"]["recipe"])
+        self.threshold = float(m["head"]["threshold"])
+        self.image_limits = image_limits
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="itemrt") if parallel else None
+
+    # --- public API ---------------------------------------------------------------------
+
+    def detect(self, image: ImageInput, *, max_new_tokens: int | None = None) -> DetectionResult:
+        return self.detect_batch([image], max_new_tokens=max_new_tokens)[0]
+
+    def detect_batch(self, images: list[ImageInput], *, max_new_tokens: int | None = None) -> list[DetectionResult]:
+        if not images:
+            return []
+        t = Timings()
+        with t.stage("total"):
+            with t.stage("decode"):
+                pil = [self._load(x, i, len(images)) for i, x in enumerate(images)]
+            results = self._run(pil, t, max_new_tokens)
+        return [
+            DetectionResult(**{**r.__dict__, "timings_ms": {k: round(v, 3) for k, v in t.items()}})
+            for r in results
+        ]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- the chain ----------------------------------------------------------------------
+
+    def _load(self, x: ImageInput, i: int, n: int) -> Image.Image:
+        try:
+            return load_image(x, self.image_limits)
+        except ImageError as e:
+            if n == 1:
+                raise
+            raise type(e)(f"image {i}: {e}") from None
+
+    def _run(self, images: list[Image.Image], t: Timings, max_new_tokens: int | None) -> list[DetectionResult]:
+        cap, det = self.captioner, self.detector
+        with t.stage("preprocess"):
+            px_cap = preprocess(images, self.specs["captioner"])
+            px_det = preprocess(images, self.specs["detector"])
+
+        def caption():
+            with t.stage("captioner_vision"):
+                emb = cap.encode_image(px_cap)
+            with t.stage("captioner_cross_kv"):
+                k, v = cap.cross_kv(emb)
+            with t.stage("captioner_decoder"):
+                return cap.generate(k, v, max_new_tokens)
+
+        def detect_image():
+            with t.stage("detector_image"):
+                return det.encode_image(px_det)
+
+        # Both depend only on the image: run side by side.
+        if self._pool is not None:
+            f_cap, f_det = self._pool.submit(caption), self._pool.submit(detect_image)
+            captions, det_out = f_cap.result(), f_det.result()
+        else:
+            captions, det_out = caption(), detect_image()
+
+        with t.stage("words"):
+            words = [self.vocabulary.extract(c, self.max_objects) for c in captions.texts]
+        with t.stage("detector_queries"):
+            rows = [self.bank.rows(w) for w in words]
+            q = max(1, max(map(len, rows)))
+            queries = np.zeros((len(images), q, self.bank.detector.shape[1]), np.float32)
+            for i, r in enumerate(rows):
+                queries[i, : len(r)] = self.bank.detector[r]
+        with t.stage("detector_head"):
+            logits = det.logits(det_out, queries)
+            dets = [
+                det.decode(logits[i], det_out["pred_boxes"][i], words[i], img.size, self.det_threshold)
+                for i, img in enumerate(images)
+            ]
+        with t.stage("crops"):
+            found = [[d for d in ds if d.found] for ds in dets]
+            crops = [c for img, fs in zip(images, found) for c in [img, *(crop_box(img, d.box) for d in fs)]]
+            px_clip = preprocess(crops, self.specs["clip"])
+        with t.stage("clip_image"):
+            img_emb = self.clip.encode_image(px_clip)  # [I0, crops] of every image in one call
+        with t.stage("clip_text"):
+            txt_emb = self.clip.encode_text(captions.texts)
+        with t.stage("head"):
+            pairs, feats, offset = [], [], 0
+            for i, (ds, fs) in enumerate(zip(dets, found)):
+                n = len(fs)
+                p = Pairs(
+                    img_emb[offset],
+                    txt_emb[i],
+                    img_emb[offset + 1 : offset + 1 + n],
+                    self.bank.clip[self.bank.rows([d.word for d in fs])].reshape(n, -1),
+                    np.asarray([d.score for d in ds], np.float32),
+                    self.max_objects,
+                )
+                offset += 1 + n
+                pairs.append(p)
+                feats.append(self.features(p))
+            p_fake = self.head.run({"features": np.stack(feats)})["p_fake"].reshape(-1)
+        return [
+            self._result(images[i], captions.texts[i], captions.tokens[i], dets[i], pairs[i], float(p_fake[i]))
+            for i in range(len(images))
+        ]
+
+    def _result(
+        self, img: Image.Image, caption: str, tokens: list[int], dets: list[Detection], pairs: Pairs, p: float
+    ) -> DetectionResult:
+        g, local = distances(pairs)
+        it = iter(local.tolist())
+        objects = [ObjectResult(d.word, d.found, d.score, d.box, next(it) if d.found else None) for d in dets]
+        return DetectionResult(
+            p_fake=p,
+            label="fake" if p >= self.threshold else "real",
+            threshold=self.threshold,
+            trained=self.bundle.trained,
+            caption=caption,
+            caption_tokens=tokens,
+            global_distance=g,
+            objects=objects,
+            image_size=img.size,
+            bundle=self.bundle.name,
+        )
