@@ -20,6 +20,7 @@ class DecodingSpec:
     layers: int
     heads: int
     head_dim: int
+    strategy: str = "greedy"
 
     @classmethod
     def from_dict(cls, d: dict) -> "DecodingSpec":

@@ -50,12 +50,14 @@ class Detector:
         """One image: logits (P, Q>=len(words)), boxes (P, 4) cxcywh in [0, 1], size (w, h).
 
         Like the detector's own post-processing, each box takes its best word; a word is
-        found when a box labelled with it scores above the threshold, and takes the best one.
+        found when a box labelled with it scores above the threshold, and takes the best one
+        (ranked by logit: sigmoid scores saturate and would tie).
         """
         q = len(words)
         logits = logits[:, :q]
         labels = logits.argmax(-1)
-        scores = _sigmoid(logits.max(-1))
+        best_logit = logits.max(-1)
+        scores = _sigmoid(best_logit)
         w, h = size
         cx, cy, bw, bh = boxes.T
         xyxy = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1) * np.array([w, h, w, h], np.float32)
@@ -63,7 +65,7 @@ class Detector:
         for j, word in enumerate(words):
             mine = np.flatnonzero((labels == j) & (scores > threshold))
             if mine.size:
-                best = mine[scores[mine].argmax()]
+                best = mine[best_logit[mine].argmax()]
                 out.append(Detection(word, True, float(scores[best]), tuple(float(v) for v in xyxy[best])))
             else:
                 out.append(Detection(word, False, float(_sigmoid(logits[:, j].max())), None))
@@ -71,4 +73,4 @@ class Detector:
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+    return np.exp(-np.logaddexp(0.0, -x))  # no overflow for large |x|

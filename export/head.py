@@ -1,0 +1,32 @@
+"""The MLP head: the only trained part of ITEM. Misalignment features -> p(fake)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MLPHead(nn.Module):
+    def __init__(self, input_dim: int, hidden: list[int], dropout: float = 0.1):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = input_dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.GELU(), nn.Dropout(dropout)]
+            width = h
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+        self.spec = {"input_dim": input_dim, "hidden": list(hidden), "dropout": dropout}
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features).squeeze(-1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, F) -> p(fake) (B,)"""
+        return torch.sigmoid(self.logits(features))
+
+
+def random_head(input_dim: int, hidden: list[int], dropout: float, seed: int) -> MLPHead:
+    """A seeded, untrained placeholder until a head is trained: its p(fake) means nothing."""
+    torch.manual_seed(seed)
+    return MLPHead(input_dim, hidden, dropout).eval()

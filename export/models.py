@@ -1,0 +1,106 @@
+"""Load the frozen reference models from local folders or the Hugging Face cache, offline."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from itemrt.errors import WeightsNotFoundError
+from itemrt.preprocess import RESAMPLE_NAMES, ImageSpec
+
+DEFAULT_SOURCES = {
+    "captioner": "Salesforce/blip-image-captioning-base",
+    "detector": "google/owlvit-base-patch32",
+    "clip": "openai/clip-vit-large-patch14",
+}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one model came from, as the manifest records it."""
+
+    model_id: str
+    path: str
+    revision: str | None
+
+    def to_dict(self) -> dict:
+        return {"model_id": self.model_id, "path": self.path, "revision": self.revision}
+
+
+def resolve(spec: str, revision: str | None = None) -> Source:
+    """A local folder, or a repo id already in the Hugging Face cache. Never downloads."""
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise WeightsNotFoundError(f"{p} has no config.json: not a Hugging Face model folder")
+        return Source(spec, str(p.resolve()), revision)
+    if p.exists() or spec.startswith((".", "/", "~")):
+        raise WeightsNotFoundError(f"model folder {spec} does not exist")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(spec, revision=revision, local_files_only=True)
+    except Exception as e:  # LocalEntryNotFoundError and friends
+        raise WeightsNotFoundError(
+            f"{spec} is neither a local folder nor in the Hugging Face cache ({type(e).__name__}). "
+            f"Nothing is downloaded here: copy the model folder to this machine and pass its path, "
+            f"or fill the cache (HF_HOME) elsewhere and bring it along"
+        ) from None
+    return Source(spec, path, revision or Path(path).name)
+
+
+@dataclass
+class Models:
+    """The frozen models with their own tokenizers and (PIL-backend) image processors."""
+
+    blip: object
+    blip_tokenizer: object
+    blip_processor: object
+    owl: object
+    owl_tokenizer: object
+    owl_processor: object
+    clip: object
+    clip_tokenizer: object
+    clip_processor: object
+    sources: dict[str, Source]
+
+
+def load_models(sources: dict[str, Source], progress=print) -> Models:
+    from transformers import AutoTokenizer, BlipForConditionalGeneration, CLIPModel, OwlViTForObjectDetection
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.owlvit.image_processing_pil_owlvit import OwlViTImageProcessorPil
+
+    def load(kind, cls, ip_cls):
+        path = sources[kind].path
+        progress(f"loading {kind} from {path}")
+        try:
+            model = cls.from_pretrained(path, local_files_only=True).eval()
+            return model, AutoTokenizer.from_pretrained(path, local_files_only=True), ip_cls.from_pretrained(path)
+        except OSError as e:
+            raise WeightsNotFoundError(f"cannot load {kind} from {path}: {e}") from None
+
+    blip = load("captioner", BlipForConditionalGeneration, BlipImageProcessorPil)
+    owl = load("detector", OwlViTForObjectDetection, OwlViTImageProcessorPil)
+    clip = load("clip", CLIPModel, CLIPImageProcessorPil)
+    return Models(*blip, *owl, *clip, sources=sources)
+
+
+def image_spec(ip) -> ImageSpec:
+    """The processor's preprocessing, in the runtime's terms."""
+    size, crop = dict(ip.size), dict(ip.crop_size or {}) if ip.do_center_crop else {}
+    exact = "height" in size
+    return ImageSpec(
+        resize="exact" if exact else "shortest_edge",
+        height=size.get("height", 0),
+        width=size.get("width", 0),
+        shortest_edge=size.get("shortest_edge", 0),
+        crop_height=crop.get("height", 0),
+        crop_width=crop.get("width", 0),
+        resample=RESAMPLE_NAMES[int(ip.resample)],
+        rescale=float(ip.rescale_factor) if ip.do_rescale else 1.0,
+        mean=tuple(float(x) for x in ip.image_mean),
+        std=tuple(float(x) for x in ip.image_std),
+    )

@@ -1,0 +1,109 @@
+"""Parity numbers: exported graph vs PyTorch module, runtime chain vs reference chain."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+# FP32 gates (DESIGN.md section 6)
+COS_MIN = 0.9999
+REL_MAX = 1e-4
+P_FAKE_MAX = 1e-4
+IOU_MIN = 0.99
+
+
+def compare(ref: np.ndarray, got: np.ndarray) -> dict:
+    """Max error, relative to the reference's scale, and the worst row cosine."""
+    ref = np.asarray(ref, np.float64)
+    got = np.asarray(got, np.float64)
+    if ref.shape != got.shape:
+        return {"passed": False, "error": f"shape {got.shape} != reference {ref.shape}"}
+    if ref.size == 0:
+        return {"passed": True, "max_abs": 0.0, "rel": 0.0, "cos_min": 1.0}
+    max_abs = float(np.abs(ref - got).max())
+    rel = max_abs / max(1.0, float(np.abs(ref).max()))
+    r, g = ref.reshape(ref.shape[0], -1), got.reshape(got.shape[0], -1)
+    denom = np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)
+    cos = np.where(denom > 0, np.sum(r * g, axis=1) / np.maximum(denom, 1e-30), 1.0)
+    cos_min = float(cos.min())
+    return {"passed": bool(rel <= REL_MAX and cos_min >= COS_MIN), "max_abs": max_abs, "rel": rel, "cos_min": cos_min}
+
+
+def iou(a, b) -> float:
+    """IoU of xyxy boxes; boxes thinner than 1e-3 px (random weights make such) are
+    compared by their coordinates instead, where IoU is undefined."""
+    if min(a[2] - a[0], a[3] - a[1], b[2] - b[0], b[3] - b[1]) < 1e-3:
+        return float(max(abs(x - y) for x, y in zip(a, b)) <= 1e-2)
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def _cos_min(a: np.ndarray, b: np.ndarray) -> float:
+    if a.size == 0:
+        return 1.0
+    return compare(a, b)["cos_min"] if a.shape == b.shape else -1.0
+
+
+def image_parity(rt_result, ref) -> dict:
+    """One image: runtime DetectionResult vs ReferenceResult."""
+    objs = rt_result.objects
+    both = [(o.box, b) for o, b in zip(objs, ref.boxes) if o.box is not None and b is not None]
+    return {
+        "tokens_equal": rt_result.caption_tokens == ref.tokens,
+        "caption_equal": rt_result.caption == ref.caption,
+        "words_equal": [o.word for o in objs] == ref.words,
+        "found_equal": [o.found for o in objs] == ref.found,
+        "tokens": len(ref.tokens),
+        "words": len(ref.words),
+        "found": int(sum(ref.found)),
+        "box_iou_min": min((iou(a, b) for a, b in both), default=1.0),
+        "p_fake_abs_diff": abs(rt_result.p_fake - ref.p_fake),
+        "decision_equal": (rt_result.p_fake >= rt_result.threshold) == (ref.p_fake >= rt_result.threshold),
+    }
+
+
+def chain_parity(runtime, reference, images: list[Image.Image]) -> dict:
+    """Run both chains on every image; embeddings compared through the runtime's own stages."""
+    rows = []
+    for img in images:
+        ref = reference.run(img)
+        res = runtime.detect(img)
+        row = image_parity(res, ref)
+        row["embed_cos_min"] = min(_embed_cos(runtime, img, res, ref))
+        rows.append(row)
+    summary = {
+        "images": len(rows),
+        "tokens_equal": all(r["tokens_equal"] for r in rows),
+        "captions_equal": all(r["caption_equal"] for r in rows),
+        "words_equal": all(r["words_equal"] and r["found_equal"] for r in rows),
+        "box_iou_min": min(r["box_iou_min"] for r in rows),
+        "embed_cos_min": min(r["embed_cos_min"] for r in rows),
+        "p_fake_abs_diff_max": max(r["p_fake_abs_diff"] for r in rows),
+        "decisions_equal": all(r["decision_equal"] for r in rows),
+        "tokens_total": sum(r["tokens"] for r in rows),
+        "words_total": sum(r["words"] for r in rows),
+        "found_total": sum(r["found"] for r in rows),
+    }
+    passed = (
+        summary["tokens_equal"] and summary["words_equal"] and summary["decisions_equal"]
+        and summary["box_iou_min"] >= IOU_MIN and summary["embed_cos_min"] >= COS_MIN
+        and summary["p_fake_abs_diff_max"] <= P_FAKE_MAX
+    )
+    gates = {"box_iou_min": IOU_MIN, "embed_cos_min": COS_MIN, "p_fake_abs_diff_max": P_FAKE_MAX}
+    return {"passed": bool(passed), "summary": summary, "gates": gates, "images": rows}
+
+
+def _embed_cos(runtime, img, res, ref) -> list[float]:
+    """CLIP embeddings of the runtime for the reference's own crops and texts."""
+    from itemrt.images import crop_box
+    from itemrt.preprocess import preprocess
+
+    crops = [img, *(crop_box(img, b) for b in ref.boxes if b is not None)]
+    img_emb = runtime.clip.encode_image(preprocess(crops, runtime.specs["clip"]))
+    found_words = [w for w, f in zip(ref.words, ref.found) if f]
+    txt_emb = np.concatenate(
+        [runtime.clip.encode_text([ref.caption]), runtime.bank.clip[runtime.bank.rows(found_words)].reshape(-1, img_emb.shape[1])]
+    )
+    return [_cos_min(ref.image_embeds, img_emb), _cos_min(ref.text_embeds, txt_emb)]

@@ -1,0 +1,362 @@
+"""`item export`: frozen models -> a verified bundle (ONNX graphs, tokenizers, word bank, head).
+
+Every graph is checked against its PyTorch original, then the whole runtime chain against
+the reference chain; all numbers go into the manifest. The bundle is written to a
+temporary folder and moved into place only when everything passed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import itemrt
+from itemrt.backend import OrtSession, SessionOptions
+from itemrt.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from itemrt.clip import Clip
+from itemrt.detector import Detector
+from itemrt.errors import ItemError
+from itemrt.images import load_image
+from itemrt.preprocess import preprocess
+from itemrt.recipe import recipe
+from itemrt.runtime import Runtime
+from itemrt.text import TextTokenizer, TokenizerSpec
+from itemrt.words import DEFAULT_VOCABULARY, Vocabulary
+
+from . import graphs
+from .head import random_head
+from .models import DEFAULT_SOURCES, Models, Source, image_spec, load_models, resolve
+from .onnx_io import export_onnx
+from .parity import chain_parity, compare
+from .random_init import build_random_checkpoints, size_config
+from .reference import ReferenceChain
+
+SAMPLES = Path(itemrt.__file__).with_name("samples")
+DEFAULT_HEAD = {"hidden": [512, 128], "dropout": 0.1}
+
+
+class ParityError(ItemError):
+    code = "parity_failed"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("ITEMRT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "itemrt"
+    return Path(base)
+
+
+def sample_images() -> list[Path]:
+    return sorted(SAMPLES.glob("*.jpg"))
+
+
+def random_checkpoints(size: str, seed: int, progress=print) -> dict[str, Source]:
+    """Random-init folders, cached per size and seed (building the full size takes a while)."""
+    root = cache_dir() / "random-init" / f"{size}-seed{seed}"
+    if not (root / "done").is_file():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{size}-", dir=root.parent if root.parent.exists() else None))
+        build_random_checkpoints(size, tmp, seed, progress)
+        (tmp / "done").write_text("ok\n")
+        root.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.move(str(tmp), root)
+    return {k: Source(f"random-init:{size}", str(root / k), None) for k in DEFAULT_SOURCES}
+
+
+def export_bundle(
+    out: str | Path,
+    *,
+    sources: dict[str, str] | None = None,
+    random_init: str | None = None,
+    seed: int = 0,
+    max_new_tokens: int = 20,
+    max_objects: int = 4,
+    det_threshold: float = 0.1,
+    query_template: str = "a photo of a {}",
+    word_template: str = "a photo of a {}",
+    recipe_name: str = "item-v1",
+    parity_images: list[str | Path] | None = None,
+    command: str | None = None,
+    progress=print,
+) -> Path:
+    out = Path(out)
+    t_start = time.perf_counter()
+    if random_init:
+        srcs = random_checkpoints(random_init, seed, progress)
+        head_cfg = size_config(random_init)["head"]
+    else:
+        wanted = {**DEFAULT_SOURCES, **(sources or {})}
+        srcs = {k: resolve(v) for k, v in wanted.items()}
+        head_cfg = DEFAULT_HEAD
+    models = load_models(srcs, progress)
+    images = [load_image(p) for p in (parity_images or sample_images())]
+    if len(images) < 2:
+        raise ValueError("parity needs at least two images")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        manifest = _write_bundle(
+            tmp, models, images, head_cfg,
+            seed=seed, max_new_tokens=max_new_tokens, max_objects=max_objects, det_threshold=det_threshold,
+            query_template=query_template, word_template=word_template, recipe_name=recipe_name, progress=progress,
+        )
+        manifest.update(
+            name=out.name,
+            random_init=random_init,
+            export_command=command or f"item export --out {out}",
+            sources={k: s.to_dict() for k, s in srcs.items()},
+        )
+        _save_manifest(tmp, manifest)
+
+        progress("parity: runtime chain (ONNX Runtime) against the PyTorch reference chain")
+        head = manifest.pop("_head_module")
+        reference = ReferenceChain(
+            models, head, Vocabulary.load(tmp / "vocabulary.json"), recipe_name=recipe_name,
+            max_objects=max_objects, max_new_tokens=max_new_tokens, det_threshold=det_threshold,
+            query_template=query_template, word_template=word_template,
+        )
+        with Runtime(tmp, parallel=False) as rt:
+            chain = chain_parity(rt, reference, images)
+        manifest["parity"]["chain"] = chain
+        manifest["export_seconds"] = round(time.perf_counter() - t_start, 1)
+        _save_manifest(tmp, manifest)
+        if not chain["passed"]:
+            raise ParityError(f"the runtime chain does not match the reference: {json.dumps(chain['summary'])}")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    progress(f"bundle written to {out} in {time.perf_counter() - t_start:.1f}s")
+    return out
+
+
+def _save_manifest(root: Path, manifest: dict) -> None:
+    files = {
+        str(p.relative_to(root)): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    public = {k: v for k, v in manifest.items() if not k.startswith("_")}
+    (root / MANIFEST).write_text(json.dumps({**public, "files": files}, indent=1) + "\n")
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import tokenizers
+    import transformers
+
+    return {
+        "itemrt": itemrt.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "tokenizers": tokenizers.__version__,
+    }
+
+
+def _write_bundle(root: Path, m: Models, images, head_cfg: dict, *, progress, **opt) -> dict:
+    components: dict[str, dict] = {}
+    specs = {
+        "captioner": image_spec(m.blip_processor),
+        "detector": image_spec(m.owl_processor),
+        "clip": image_spec(m.clip_processor),
+    }
+    px = {k: torch.from_numpy(preprocess(images, s)) for k, s in specs.items()}
+    steps = 9
+    n = iter(range(1, steps + 1))
+
+    def build(name, module, args, ins, outs, axes, check_inputs):
+        i = next(n)
+        progress(f"[{i}/{steps}] {name}: export")
+        t0 = time.perf_counter()
+        entry = export_onnx(module, args, root / f"{name}.onnx", ins, outs, axes)
+        sess = OrtSession(root / entry["file"], name, SessionOptions())
+        with torch.no_grad():
+            ref = module(*check_inputs)
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        got = sess.run({k: v.numpy() for k, v in zip(ins, check_inputs)})
+        entry["parity"] = {o: compare(r.numpy(), got[o]) for o, r in zip(outs, ref)}
+        entry["parity"]["reference"] = "PyTorch module on the bundle's parity images"
+        entry["seconds"] = round(time.perf_counter() - t0, 1)
+        bad = [o for o in outs if not entry["parity"][o]["passed"]]
+        progress(f"[{i}/{steps}] {name}: {entry['seconds']}s, parity " + ("ok" if not bad else f"FAILED on {bad}"))
+        if bad:
+            raise ParityError(f"{name}: ONNX output {bad} differs from PyTorch: {entry['parity']}")
+        components[name] = entry
+        return ref
+
+    batch = {0: "batch"}
+    # --- captioner
+    tc = m.blip.config.text_config
+    layers, heads = tc.num_hidden_layers, tc.num_attention_heads
+    head_dim = tc.hidden_size // heads
+    (emb,) = build("captioner_vision", graphs.BlipVision(m.blip), (px["captioner"][:2],), ["pixel_values"],
+                   ["image_embeds"], {"pixel_values": batch, "image_embeds": batch}, (px["captioner"],))
+    ck, cv = build("captioner_cross_kv", graphs.BlipCrossKV(m.blip), (emb[:2],), ["image_embeds"],
+                   ["cross_k", "cross_v"], {"image_embeds": batch, "cross_k": {1: "batch"}, "cross_v": {1: "batch"}}, (emb,))
+    b = emb.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    trace_past = torch.randn(layers, 2, 2, heads, 3, head_dim, generator=gen)
+    check_past = torch.randn(layers, 2, b, heads, 5, head_dim, generator=gen)
+    ids = torch.full((b, 1), tc.bos_token_id, dtype=torch.long)
+    kv_axes = {2: "batch", 4: "past"}
+    build("captioner_decoder", graphs.BlipDecoderStep(m.blip),
+          (ids[:2], trace_past, ck[:, :2], cv[:, :2]),
+          ["input_ids", "past_kv", "cross_k", "cross_v"], ["logits", "present_kv"],
+          {"input_ids": {0: "batch", 1: "tokens"}, "past_kv": kv_axes, "cross_k": {1: "batch"},
+           "cross_v": {1: "batch"}, "logits": batch, "present_kv": {2: "batch", 4: "total"}},
+          (ids, check_past, ck, cv))
+
+    # --- detector
+    owl_out = build("detector_image", graphs.OwlImage(m.owl), (px["detector"][:2],), ["pixel_values"],
+                    ["class_embeds", "logit_shift", "logit_scale", "pred_boxes"],
+                    {"pixel_values": batch, "class_embeds": batch, "logit_shift": batch, "logit_scale": batch,
+                     "pred_boxes": batch}, (px["detector"],))
+    qtexts = [opt["query_template"].format(w) for w in ("dog", "traffic light", "person")]
+    q = m.owl_tokenizer(qtexts, padding="max_length", return_tensors="pt")
+    (queries,) = build("detector_text", graphs.OwlText(m.owl), (q["input_ids"], q["attention_mask"]),
+                       ["input_ids", "attention_mask"], ["query_embeds"],
+                       {"input_ids": batch, "attention_mask": batch, "query_embeds": batch},
+                       (q["input_ids"], q["attention_mask"]))
+    qb = queries[None].expand(b, -1, -1).contiguous()
+    build("detector_head", graphs.OwlHead(), (*(t[:2] for t in owl_out[:3]), qb[:2]),
+          ["class_embeds", "logit_shift", "logit_scale", "query_embeds"], ["logits"],
+          {"class_embeds": batch, "logit_shift": batch, "logit_scale": batch,
+           "query_embeds": {0: "batch", 1: "queries"}, "logits": {0: "batch", 2: "queries"}},
+          (*owl_out[:3], qb))
+
+    # --- CLIP
+    (img_emb,) = build("clip_image", graphs.ClipImage(m.clip), (px["clip"][:2],), ["pixel_values"],
+                       ["image_embeds"], {"pixel_values": batch, "image_embeds": batch}, (px["clip"],))
+    t = m.clip_tokenizer(["a dog on a red couch next to a lamp", "a photo of a cat"], padding=True, return_tensors="pt")
+    seq = {0: "batch", 1: "sequence"}
+    build("clip_text", graphs.ClipText(m.clip), (t["input_ids"], t["attention_mask"]),
+          ["input_ids", "attention_mask"], ["text_embeds"],
+          {"input_ids": seq, "attention_mask": seq, "text_embeds": batch}, (t["input_ids"], t["attention_mask"]))
+
+    # --- head (seeded, untrained until `item train`)
+    _, feature_dim = recipe(opt["recipe_name"])
+    in_dim = feature_dim(img_emb.shape[-1])
+    head = random_head(in_dim, head_cfg["hidden"], head_cfg["dropout"], opt["seed"])
+    feats = torch.randn(4, in_dim, generator=gen)
+    build("head", head, (feats[:2],), ["features"], ["p_fake"], {"features": batch, "p_fake": batch}, (feats,))
+
+    # --- tokenizers, vocabulary, word bank
+    tok_specs = {}
+    for kind, tok, padding in (
+        ("captioner", m.blip_tokenizer, "longest"),
+        ("detector", m.owl_tokenizer, "max_length"),
+        ("clip", m.clip_tokenizer, "longest"),
+    ):
+        rel = f"tokenizers/{kind}.json"
+        (root / "tokenizers").mkdir(exist_ok=True)
+        tok.backend_tokenizer.save(str(root / rel))
+        max_len = int(min(tok.model_max_length, 4096))
+        tok_specs[kind] = TokenizerSpec(rel, max_len, int(tok.pad_token_id), padding).__dict__
+    shutil.copy(DEFAULT_VOCABULARY, root / "vocabulary.json")
+    progress("word bank: CLIP and detector text embeddings of every vocabulary word")
+    bank = _build_bank(root, tok_specs, opt["query_template"], opt["word_template"])
+    bank_parity = _bank_parity(m, bank, opt["query_template"], opt["word_template"])
+
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "itemrt_version": itemrt.__version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {**_versions(), "opset": components["head"]["opset"]},
+        "platform": {"machine": platform.machine(), "system": platform.system(), "argv": sys.argv[:1]},
+        "components": components,
+        "captioner": {
+            "preprocess": specs["captioner"].to_dict(),
+            "tokenizer": tok_specs["captioner"],
+            "decoding": {
+                "bos_id": int(tc.bos_token_id), "eos_id": int(tc.sep_token_id), "pad_id": int(tc.pad_token_id),
+                "max_new_tokens": opt["max_new_tokens"], "layers": layers, "heads": heads, "head_dim": head_dim,
+                "strategy": "greedy",
+            },
+        },
+        "detector": {
+            "preprocess": specs["detector"].to_dict(),
+            "tokenizer": tok_specs["detector"],
+            "threshold": opt["det_threshold"],
+            "query_template": opt["query_template"],
+        },
+        "clip": {
+            "preprocess": specs["clip"].to_dict(),
+            "tokenizer": tok_specs["clip"],
+            "word_template": opt["word_template"],
+            "dim": int(img_emb.shape[-1]),
+        },
+        "words": {"vocabulary": "vocabulary.json", "bank": "bank.npz", "max_objects": opt["max_objects"]},
+        "head": {
+            "trained": False,
+            "note": "seeded random placeholder: p(fake) is meaningless until `item train`",
+            "recipe": opt["recipe_name"],
+            "threshold": 0.5,
+            "seed": opt["seed"],
+            **head.spec,
+        },
+        "parity": {"word_bank": bank_parity},
+        "_head_module": head,
+    }
+
+
+def _build_bank(root: Path, tok_specs: dict, query_template: str, word_template: str) -> dict[str, np.ndarray]:
+    """Embeds the vocabulary with the exported graphs: the runtime reads exactly these numbers."""
+    opts = SessionOptions()
+    words = Vocabulary.load(root / "vocabulary.json").objects
+
+    def tok(kind):
+        spec = TokenizerSpec.from_dict(tok_specs[kind])
+        return TextTokenizer(root / spec.file, spec)
+
+    det = Detector(
+        OrtSession(root / "detector_image.onnx", "detector_image", opts),
+        OrtSession(root / "detector_head.onnx", "detector_head", opts),
+        OrtSession(root / "detector_text.onnx", "detector_text", opts),
+        tok("detector"),
+    )
+    clip = Clip(
+        OrtSession(root / "clip_image.onnx", "clip_image", opts),
+        OrtSession(root / "clip_text.onnx", "clip_text", opts),
+        tok("clip"),
+        cache_size=0,
+    )
+    chunks = [words[i : i + 64] for i in range(0, len(words), 64)]
+    bank = {
+        "words": np.asarray(words),
+        "clip": np.concatenate([clip.encode_text([word_template.format(w) for w in c]) for c in chunks]),
+        "detector": np.concatenate([det.encode_text([query_template.format(w) for w in c]) for c in chunks]),
+    }
+    np.savez(root / "bank.npz", **bank)
+    return bank
+
+
+@torch.no_grad()
+def _bank_parity(m: Models, bank: dict, query_template: str, word_template: str) -> dict:
+    """A spread of bank rows against the original text towers."""
+    idx = np.linspace(0, len(bank["words"]) - 1, 16).astype(int)
+    words = [str(bank["words"][i]) for i in idx]
+    t = m.clip_tokenizer([word_template.format(w) for w in words], padding=True, return_tensors="pt")
+    out = m.clip.get_text_features(input_ids=t["input_ids"], attention_mask=t["attention_mask"])
+    clip_ref = (out if isinstance(out, torch.Tensor) else out.pooler_output).numpy()
+    q = m.owl_tokenizer([query_template.format(w) for w in words], padding="max_length", return_tensors="pt")
+    det_ref = graphs.OwlText(m.owl)(q["input_ids"], q["attention_mask"]).numpy()
+    return {
+        "words_checked": len(words),
+        "clip": compare(clip_ref, bank["clip"][idx]),
+        "detector": compare(det_ref, bank["detector"][idx]),
+    }

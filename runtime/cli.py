@@ -1,0 +1,160 @@
+"""The `item` command: export, detect, info, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import ImageError, ItemError
+
+SAMPLES = Path(__file__).with_name("samples")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="item", description="ITEM-RT: fake-image detection by image-text misalignment")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    e = sub.add_parser("export", help="export frozen models to a bundle (needs the [export] extra)")
+    try:
+        from itemrt.export.cli import add_arguments, run as run_export
+    except ImportError as err:  # the lean install has no torch
+        e.set_defaults(func=lambda a: _no_export(err))
+    else:
+        add_arguments(e)
+        e.set_defaults(func=run_export)
+
+    d = sub.add_parser("detect", help="p(fake), caption and object words for images")
+    d.add_argument("paths", nargs="+", type=Path)
+    d.add_argument("--bundle", "-b", default=os.environ.get("ITEM_BUNDLE"), help="bundle folder (or $ITEM_BUNDLE)")
+    d.add_argument("--json", action="store_true", help="one JSON object per line")
+    d.add_argument("--explain", type=Path, default=None,
+                   help="PNG with boxes, words, distances and the verdict (a folder when several images)")
+    d.add_argument("--threads", type=int, default=0)
+    d.set_defaults(func=_detect)
+
+    i = sub.add_parser("info", help="what a bundle holds and where it came from")
+    i.add_argument("bundle")
+    i.add_argument("--json", action="store_true", help="print the whole manifest")
+    i.set_defaults(func=_info)
+
+    m = sub.add_parser("demo", help="export a tiny random-weight bundle (once) and detect on the sample images")
+    m.add_argument("--bundle", default="engines/demo")
+    m.add_argument("--explain-dir", type=Path, default=Path("engines/demo-explain"))
+    m.set_defaults(func=_demo)
+
+    args = p.parse_args(argv)
+    try:
+        return args.func(args)
+    except ItemError as err:
+        print(f"item: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+
+
+def _no_export(err: ImportError) -> int:
+    print(f"item export needs the export extra (pip install 'itemrt[export]'): {err}", file=sys.stderr)
+    return 2
+
+
+def _detect(args) -> int:
+    from .explain import render
+    from .images import load_image
+    from .runtime import Runtime
+
+    if not args.bundle:
+        print("item detect: give --bundle or set ITEM_BUNDLE", file=sys.stderr)
+        return 2
+    many = len(args.paths) > 1
+    if args.explain and (many or args.explain.suffix.lower() != ".png"):
+        args.explain.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    with Runtime(args.bundle, threads=args.threads) as rt:
+        for path in args.paths:
+            try:
+                img = load_image(path, rt.image_limits)  # decoded once: for the chain and the picture
+                r = rt.detect(img)
+            except ImageError as err:
+                failures += 1
+                if args.json:
+                    print(json.dumps({"path": str(path), "error": err.code, "message": str(err)}))
+                else:
+                    print(f"{path}: error ({err.code}): {err}", file=sys.stderr)
+                continue
+            if args.json:
+                print(json.dumps({"path": str(path), **r.to_dict()}))
+            else:
+                _print_result(path, r)
+            if args.explain:
+                target = args.explain / f"{path.stem}.explain.png" if args.explain.is_dir() else args.explain
+                render(img, r).save(target)
+                if not args.json:
+                    print(f"  explain: {target}")
+    return 1 if failures else 0
+
+
+def _print_result(path: Path, r) -> None:
+    note = "" if r.trained else "  [untrained head: p(fake) is meaningless]"
+    print(f"{path}: {r.label.upper()} p(fake)={r.p_fake:.4f} threshold={r.threshold:.2f}{note}")
+    print(f'  caption: "{r.caption}"  global distance {r.global_distance:.4f}')
+    for o in r.objects:
+        if o.found:
+            box = ", ".join(f"{v:.0f}" for v in o.box)
+            print(f"  {o.word:>16}: box [{box}] score {o.score:.3f} distance {o.distance:.4f}")
+        else:
+            print(f"  {o.word:>16}: not found (best score {o.score:.3f})")
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in r.timings_ms.items())
+    print(f"  ms: {stages}")
+
+
+def _info(args) -> int:
+    from .bundle import Bundle
+
+    b = Bundle.open(args.bundle, verify=True)
+    m = b.manifest
+    if args.json:
+        print(json.dumps(m, indent=1))
+        return 0
+    size = sum((b.root / f).stat().st_size for f in m["files"])
+    print(f"bundle     {b.root}  ({m['name']}, format {m['format_version']}, {size / 1e6:.1f} MB, hashes verified)")
+    print(f"created    {m['created']} by itemrt {m['itemrt_version']}")
+    if m.get("random_init"):
+        print(f"weights    RANDOM-INIT ({m['random_init']}): same architectures, random weights; results are noise")
+    for kind, s in m["sources"].items():
+        rev = f"@{s['revision']}" if s.get("revision") else ""
+        print(f"source     {kind:<10} {s['model_id']}{rev}  ({s['path']})")
+    v = m["versions"]
+    print("versions   " + ", ".join(f"{k} {v[k]}" for k in v))
+    h = m["head"]
+    state = "trained" if h["trained"] else "UNTRAINED (seeded random placeholder)"
+    print(f"head       {state}; recipe {h['recipe']}, {h['input_dim']} -> {h['hidden']} -> 1, threshold {h['threshold']}")
+    d = m["captioner"]["decoding"]
+    print(f"decoding   greedy, up to {d['max_new_tokens']} tokens; objects: up to {m['words']['max_objects']} words, "
+          f"detector threshold {m['detector']['threshold']}")
+    print("components (precision, parity: worst cosine / relative error vs PyTorch)")
+    for name, c in m["components"].items():
+        worst = [x for x in c["parity"].values() if isinstance(x, dict)]
+        cos = min(x["cos_min"] for x in worst)
+        rel = max(x["rel"] for x in worst)
+        ins = ", ".join(f"{i['name']}{i['shape']}" for i in c["inputs"])
+        print(f"  {name:<20} {c['precision']}  cos {cos:.6f}  rel {rel:.1e}  {c['file']}  in: {ins}")
+    ch = m["parity"]["chain"]["summary"]
+    print(
+        f"chain      vs PyTorch reference on {ch['images']} images: tokens equal {ch['tokens_equal']}, "
+        f"words equal {ch['words_equal']}, box IoU min {ch['box_iou_min']:.4f}, embedding cos min "
+        f"{ch['embed_cos_min']:.6f}, |dp| max {ch['p_fake_abs_diff_max']:.1e}, decisions equal {ch['decisions_equal']}"
+    )
+    return 0
+
+
+def _demo(args) -> int:
+    bundle = Path(args.bundle)
+    if not (bundle / "manifest.json").is_file():
+        rc = main(["export", "--random-init", "tiny", "--out", str(bundle)])
+        if rc:
+            return rc
+    main(["info", str(bundle)])
+    print()
+    samples = sorted(str(p) for p in SAMPLES.glob("*.jpg"))
+    return main(["detect", "--bundle", str(bundle), "--explain", str(args.explain_dir), *samples])
