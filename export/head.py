@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -30,3 +32,18 @@ def random_head(input_dim: int, hidden: list[int], dropout: float, seed: int) ->
     """A seeded, untrained placeholder until a head is trained: its p(fake) means nothing."""
     torch.manual_seed(seed)
     return MLPHead(input_dim, hidden, dropout).eval()
+
+
+def save_head(head: MLPHead, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(path))
+
+
+def load_head(path: Path, spec: dict) -> MLPHead:
+    """The head as the bundle's manifest describes it, with the weights stored beside it."""
+    from safetensors.torch import load_file
+
+    head = MLPHead(spec["input_dim"], spec["hidden"], spec["dropout"])
+    head.load_state_dict(load_file(str(path)))
+    return head.eval()

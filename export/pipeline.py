@@ -34,12 +34,12 @@ from itemrt.text import TextTokenizer, TokenizerSpec
 from itemrt.words import DEFAULT_VOCABULARY, Vocabulary
 
 from . import graphs
-from .head import random_head
+from .head import random_head, save_head
 from .models import DEFAULT_SOURCES, Models, Source, image_spec, load_models, resolve
 from .onnx_io import export_onnx
 from .parity import chain_parity, compare
 from .random_init import build_random_checkpoints, size_config
-from .reference import ReferenceChain
+from .reference import reference_for_bundle
 
 SAMPLES = Path(itemrt.__file__).with_name("samples")
 DEFAULT_HEAD = {"hidden": [512, 128], "dropout": 0.1}
@@ -118,12 +118,7 @@ def export_bundle(
         _save_manifest(tmp, manifest)
 
         progress("parity: runtime chain (ONNX Runtime) against the PyTorch reference chain")
-        head = manifest.pop("_head_module")
-        reference = ReferenceChain(
-            models, head, Vocabulary.load(tmp / "vocabulary.json"), recipe_name=recipe_name,
-            max_objects=max_objects, max_new_tokens=max_new_tokens, det_threshold=det_threshold,
-            query_template=query_template, word_template=word_template,
-        )
+        reference = reference_for_bundle(tmp, models)
         with Runtime(tmp, parallel=False) as rt:
             chain = chain_parity(rt, reference, images)
         manifest["parity"]["chain"] = chain
@@ -146,8 +141,7 @@ def _save_manifest(root: Path, manifest: dict) -> None:
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
-    public = {k: v for k, v in manifest.items() if not k.startswith("_")}
-    (root / MANIFEST).write_text(json.dumps({**public, "files": files}, indent=1) + "\n")
+    (root / MANIFEST).write_text(json.dumps({**manifest, "files": files}, indent=1) + "\n")
 
 
 def _versions() -> dict:
@@ -253,6 +247,7 @@ def _write_bundle(root: Path, m: Models, images, head_cfg: dict, *, progress, **
     head = random_head(in_dim, head_cfg["hidden"], head_cfg["dropout"], opt["seed"])
     feats = torch.randn(4, in_dim, generator=gen)
     build("head", head, (feats[:2],), ["features"], ["p_fake"], {"features": batch, "p_fake": batch}, (feats,))
+    save_head(head, root / "head.safetensors")  # for the reference chain and for training
 
     # --- tokenizers, vocabulary, word bank
     tok_specs = {}
@@ -307,10 +302,10 @@ def _write_bundle(root: Path, m: Models, images, head_cfg: dict, *, progress, **
             "recipe": opt["recipe_name"],
             "threshold": 0.5,
             "seed": opt["seed"],
+            "weights": "head.safetensors",
             **head.spec,
         },
         "parity": {"word_bank": bank_parity},
-        "_head_module": head,
     }
 
 

@@ -8,8 +8,10 @@ image decoding, object words, cropping and the feature recipe.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,8 +21,8 @@ from itemrt.images import crop_box
 from itemrt.recipe import Pairs, recipe
 from itemrt.words import Vocabulary
 
-from .head import MLPHead
-from .models import Models
+from .head import MLPHead, load_head
+from .models import Models, Source, load_models
 
 
 @dataclass
@@ -131,3 +133,21 @@ class ReferenceChain:
 def _strip(ids: list[int], eos: int) -> list[int]:
     """Generated ids up to and including end-of-sentence (padding after it dropped)."""
     return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+
+def reference_for_bundle(root: Path, models: Models | None = None) -> ReferenceChain:
+    """The reference chain with exactly the settings (and head) a bundle was exported with."""
+    m = json.loads((Path(root) / "manifest.json").read_text())
+    if models is None:
+        models = load_models({k: Source(**s) for k, s in m["sources"].items()}, progress=lambda msg: None)
+    return ReferenceChain(
+        models,
+        load_head(Path(root) / m["head"]["weights"], m["head"]),
+        Vocabulary.load(Path(root) / m["words"]["vocabulary"]),
+        recipe_name=m["head"]["recipe"],
+        max_objects=m["words"]["max_objects"],
+        max_new_tokens=m["captioner"]["decoding"]["max_new_tokens"],
+        det_threshold=m["detector"]["threshold"],
+        query_template=m["detector"]["query_template"],
+        word_template=m["clip"]["word_template"],
+    )

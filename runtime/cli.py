@@ -158,3 +158,7 @@ def _demo(args) -> int:
     print()
     samples = sorted(str(p) for p in SAMPLES.glob("*.jpg"))
     return main(["detect", "--bundle", str(bundle), "--explain", str(args.explain_dir), *samples])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Shared fixtures: one tiny random-init bundle per test session, exported by the real pipeline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("itemrt-cache")
+    os.environ["ITEMRT_CACHE"] = str(path)  # random-init checkpoints land here, not in ~/.cache
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, cache_dir) -> Path:
+    from itemrt.export.pipeline import export_bundle
+
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    return export_bundle(out, random_init="tiny", seed=0, progress=lambda msg: None)
+
+
+@pytest.fixture(scope="session")
+def runtime(tiny_bundle):
+    from itemrt import Runtime
+
+    with Runtime(tiny_bundle) as rt:
+        yield rt
+
+
+@pytest.fixture(scope="session")
+def samples() -> list[Path]:
+    from itemrt.export.pipeline import sample_images
+
+    paths = sample_images()
+    assert len(paths) >= 4
+    return paths

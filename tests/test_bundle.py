@@ -1,0 +1,87 @@
+"""A bad bundle fails closed, naming what to re-export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from itemrt import BundleIntegrityError, BundleNotFoundError, BundleVersionError, Runtime
+from itemrt.bundle import Bundle
+
+
+@pytest.fixture
+def copy(tiny_bundle, tmp_path):
+    dst = tmp_path / "b"
+    shutil.copytree(tiny_bundle, dst)
+    return dst
+
+
+def _edit_manifest(root, fn):
+    path = root / "manifest.json"
+    m = json.loads(path.read_text())
+    fn(m)
+    path.write_text(json.dumps(m))
+
+
+def test_good_bundle_opens(copy):
+    b = Bundle.open(copy)
+    assert b.name == "tiny" and b.trained is False
+
+
+def test_missing_manifest(tmp_path):
+    with pytest.raises(BundleNotFoundError, match="item export"):
+        Runtime(tmp_path)
+
+
+def test_missing_file(copy):
+    (copy / "clip_image.onnx").unlink()
+    with pytest.raises(BundleIntegrityError, match="clip_image.onnx is missing.*re-export it with: item export"):
+        Runtime(copy)
+
+
+def test_wrong_hash(copy):
+    path = copy / "bank.npz"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleIntegrityError, match="bank.npz does not match its sha256"):
+        Runtime(copy)
+    Bundle.open(copy, verify=False)  # a user may skip hashing, knowingly
+
+
+def test_other_format_version(copy):
+    _edit_manifest(copy, lambda m: m.update(format_version=99, itemrt_version="9.0"))
+    with pytest.raises(BundleVersionError, match="format 99 .*re-export"):
+        Runtime(copy)
+
+
+def test_not_a_bundle(copy):
+    _edit_manifest(copy, lambda m: m.update(format="something-else"))
+    with pytest.raises(BundleVersionError):
+        Runtime(copy)
+
+
+def test_corrupt_manifest(copy):
+    (copy / "manifest.json").write_text("{ not json")
+    with pytest.raises(BundleIntegrityError, match="not valid JSON"):
+        Runtime(copy)
+
+
+def test_missing_component(copy):
+    _edit_manifest(copy, lambda m: m["components"].pop("detector_head"))
+    with pytest.raises(BundleVersionError, match="detector_head"):
+        Runtime(copy)
+
+
+def test_unknown_recipe(copy):
+    _edit_manifest(copy, lambda m: m["head"].update(recipe="item-v99"))
+    with pytest.raises(BundleVersionError, match="item-v99"):
+        Runtime(copy)
+
+
+def test_unlisted_file_is_refused(copy):
+    b = Bundle.open(copy)
+    with pytest.raises(BundleIntegrityError):
+        b.file("../../etc/passwd")

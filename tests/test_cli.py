@@ -1,0 +1,58 @@
+"""The `item` command as a user runs it (a real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from PIL import Image
+
+
+def _item(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "itemrt.cli", *map(str, args)], capture_output=True, text=True, **kw)
+
+
+def test_detect_json_and_explain(tiny_bundle, samples, tmp_path):
+    out = tmp_path / "explain"
+    r = _item("detect", "--bundle", tiny_bundle, "--json", "--explain", out, *samples[:2])
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [x["path"] for x in lines] == [str(p) for p in samples[:2]]
+    for x in lines:
+        assert {"p_fake", "label", "threshold", "caption", "objects", "global_distance", "timings_ms"} <= x.keys()
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 2
+    with Image.open(pngs[0]) as im:
+        assert im.height > 100 and im.width > 100
+
+
+def test_detect_text_and_single_explain(tiny_bundle, samples, tmp_path):
+    target = tmp_path / "one.png"
+    r = _item("detect", "-b", tiny_bundle, samples[0], "--explain", target)
+    assert r.returncode == 0, r.stderr
+    assert "p(fake)=" in r.stdout and "untrained" in r.stdout and target.is_file()
+
+
+def test_bad_image_reported_and_others_still_run(tiny_bundle, samples, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    r = _item("detect", "--bundle", tiny_bundle, "--json", bad, samples[0])
+    assert r.returncode == 1
+    first, second = (json.loads(x) for x in r.stdout.splitlines())
+    assert first["error"] == "unsupported_image"
+    assert "p_fake" in second
+
+
+def test_info(tiny_bundle):
+    r = _item("info", tiny_bundle)
+    assert r.returncode == 0, r.stderr
+    for text in ("RANDOM-INIT", "UNTRAINED", "captioner_decoder", "tokens equal True", "torch 2.13.0"):
+        assert text in r.stdout
+    m = json.loads(_item("info", "--json", tiny_bundle).stdout)
+    assert m["format"] == "itemrt-bundle"
+
+
+def test_missing_bundle_is_a_clear_error(tmp_path, samples):
+    r = _item("detect", "--bundle", tmp_path / "nope", samples[0])
+    assert r.returncode == 2 and "BundleNotFoundError" in r.stderr and "item export" in r.stderr

@@ -1,0 +1,154 @@
+"""Hostile and odd inputs: the right image or a typed error, and the runtime keeps working."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from itemrt import (
+    CorruptImageError,
+    ImageError,
+    ImageNotFoundError,
+    ImageTooLargeError,
+    UnsupportedImageError,
+)
+from itemrt.images import ImageLimits, crop_box, load_image
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _photo(w=64, h=48) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose header claims another size: a decompression bomb's shape."""
+    data = bytearray(_encode(Image.new("L", (1, 1)), "PNG"))
+    ihdr = 8 + 8  # signature, then length + type of the IHDR chunk
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[12 : ihdr + 13])) & 0xFFFFFFFF
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "data, error",
+    [
+        (b"", CorruptImageError),
+        (b"this is not an image at all", UnsupportedImageError),
+        (b"%PDF-1.4 fake", UnsupportedImageError),
+        (_encode(_photo(), "JPEG")[:300], CorruptImageError),  # truncated
+        (_encode(_photo(), "PNG")[:-40], CorruptImageError),  # truncated
+        (_png_claiming(100_000, 100_000), ImageTooLargeError),  # bomb: refused before decoding
+        (_png_claiming(30_000, 10), ImageTooLargeError),  # one side too long
+    ],
+)
+def test_bad_bytes_give_typed_errors(data, error):
+    with pytest.raises(error):
+        load_image(data)
+
+
+def test_byte_limit():
+    with pytest.raises(ImageTooLargeError):
+        load_image(_encode(_photo(), "PNG"), ImageLimits(max_bytes=100))
+
+
+def test_paths(tmp_path):
+    with pytest.raises(ImageNotFoundError):
+        load_image(tmp_path / "missing.jpg")
+    with pytest.raises(UnsupportedImageError):
+        load_image(tmp_path)
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(CorruptImageError):
+        load_image(empty)
+
+
+@pytest.mark.parametrize(
+    "arr",
+    [np.zeros((8, 8), np.uint8), np.zeros((8, 8, 4), np.uint8), np.zeros((8, 8, 3), np.float32), np.zeros((0, 8, 3), np.uint8)],
+)
+def test_bad_arrays(arr):
+    with pytest.raises(ImageError):
+        load_image(arr)
+
+
+def test_unsupported_type():
+    with pytest.raises(UnsupportedImageError):
+        load_image(12345)
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "L", "LA", "RGBA", "P", "1"])
+def test_modes_become_rgb(mode):
+    img = _photo().convert(mode)
+    fmt = "JPEG" if mode in ("CMYK", "L") else "PNG"
+    out = load_image(_encode(img, fmt))
+    assert out.mode == "RGB" and out.size == (64, 48)
+
+
+def test_alpha_composited_on_white():
+    rgba = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
+    assert load_image(_encode(rgba, "PNG")).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_16_bit_keeps_the_top_byte():
+    arr = np.full((6, 6), 0xABCD, np.uint16)
+    img = Image.fromarray(arr)  # mode I;16
+    out = load_image(_encode(img, "PNG"))
+    assert out.mode == "RGB"
+    assert out.getpixel((0, 0)) == (0xABCD // 257,) * 3
+
+
+def test_exif_orientation_applied():
+    img = _photo(64, 48)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    out = load_image(_encode(img, "JPEG", exif=exif))
+    assert out.size == (48, 64)
+
+
+def test_animated_takes_first_frame():
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    out = load_image(buf.getvalue())
+    r, g, b = out.getpixel((8, 8))
+    assert r > 200 and b < 50
+
+
+def test_inputs_agree():
+    img = _photo()
+    a = np.asarray(load_image(np.asarray(img)))
+    for src in (img, _encode(img, "PNG")):
+        assert np.array_equal(np.asarray(load_image(src)), a)
+
+
+def test_crop_box_clamps_to_image():
+    img = _photo(64, 48)
+    assert crop_box(img, (-10, -5, 20.2, 30.7)).size == (21, 31)
+    assert crop_box(img, (100, 100, 200, 200)).size == (1, 1)  # off-image: still a pixel
+    assert crop_box(img, (5, 5, 5, 5)).size == (1, 1)  # degenerate
+
+
+def test_runtime_survives_bad_input(runtime, samples, tmp_path):
+    trunc = tmp_path / "t.jpg"
+    trunc.write_bytes(samples[0].read_bytes()[:500])
+    for bad in (trunc, b"", b"garbage", _png_claiming(100_000, 100_000)):
+        with pytest.raises(ImageError):
+            runtime.detect(bad)
+    with pytest.raises(ImageError, match="image 1"):
+        runtime.detect_batch([samples[0], b"garbage"])
+    # odd but valid inputs give results
+    for mode in ("CMYK", "LA", "P", "RGBA"):
+        assert runtime.detect(_encode(_photo().convert(mode), "PNG" if mode != "CMYK" else "JPEG")).caption_tokens
+    assert runtime.detect(samples[1]).caption_tokens
