@@ -29,11 +29,29 @@ def compare(ref: np.ndarray, got: np.ndarray) -> dict:
     return {"passed": bool(rel <= REL_MAX and cos_min >= COS_MIN), "max_abs": max_abs, "rel": rel, "cos_min": cos_min}
 
 
-def iou(a, b) -> float:
-    """IoU of xyxy boxes; boxes thinner than 1e-3 px (random weights make such) are
-    compared by their coordinates instead, where IoU is undefined."""
-    if min(a[2] - a[0], a[3] - a[1], b[2] - b[0], b[3] - b[1]) < 1e-3:
-        return float(max(abs(x - y) for x, y in zip(a, b)) <= 1e-2)
+def compare_boxes(ref: np.ndarray, got: np.ndarray) -> dict:
+    """cxcywh boxes (..., 4) in [0, 1]: gated by IoU, as boxes are used (DESIGN.md section 6).
+
+    Raw coordinates can differ by more than FP32 noise when random weights push the box
+    head into the steep part of its sigmoid; what matters is the box the user gets."""
+    r = _xyxy(np.asarray(ref, np.float64).reshape(-1, 4))
+    g = _xyxy(np.asarray(got, np.float64).reshape(-1, 4))
+    ious = np.array([iou(a, b, eps=1e-6, tol=1e-4) for a, b in zip(r, g)])
+    out = compare(ref, got)
+    out.update(iou_min=float(ious.min()), iou_mean=float(ious.mean()), passed=bool(ious.min() >= IOU_MIN))
+    return out
+
+
+def _xyxy(b: np.ndarray) -> np.ndarray:
+    cx, cy, w, h = b.T
+    return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+
+
+def iou(a, b, eps: float = 1e-3, tol: float = 1e-2) -> float:
+    """IoU of xyxy boxes; boxes thinner than `eps` (random weights make such) are
+    compared by their coordinates instead (within `tol`), where IoU is undefined."""
+    if min(a[2] - a[0], a[3] - a[1], b[2] - b[0], b[3] - b[1]) < eps:
+        return float(max(abs(x - y) for x, y in zip(a, b)) <= tol)
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = ix * iy

@@ -37,7 +37,7 @@ from . import graphs
 from .head import random_head, save_head
 from .models import DEFAULT_SOURCES, Models, Source, image_spec, load_models, resolve
 from .onnx_io import export_onnx
-from .parity import chain_parity, compare
+from .parity import chain_parity, compare, compare_boxes
 from .random_init import build_random_checkpoints, size_config
 from .reference import reference_for_bundle
 
@@ -182,7 +182,9 @@ def _write_bundle(root: Path, m: Models, images, head_cfg: dict, *, progress, **
             ref = module(*check_inputs)
         ref = ref if isinstance(ref, tuple) else (ref,)
         got = sess.run({k: v.numpy() for k, v in zip(ins, check_inputs)})
-        entry["parity"] = {o: compare(r.numpy(), got[o]) for o, r in zip(outs, ref)}
+        entry["parity"] = {
+            o: (compare_boxes if o == "pred_boxes" else compare)(r.numpy(), got[o]) for o, r in zip(outs, ref)
+        }
         entry["parity"]["reference"] = "PyTorch module on the bundle's parity images"
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         bad = [o for o in outs if not entry["parity"][o]["passed"]]

@@ -141,7 +141,14 @@ def build_random_checkpoints(size: str, out: Path, seed: int = 0, progress=print
         vision_config=d["config"]["vision_config"],
         projection_dim=d["config"]["projection_dim"],
     )
-    OwlViTForObjectDetection(owl_cfg).save_pretrained(paths["detector"])
+    owl = OwlViTForObjectDetection(owl_cfg)
+    # transformers leaves the detection heads at a scale that saturates every box sigmoid
+    # (raw outputs ~1e4 at full size): boxes become float noise. Trained heads are small.
+    for module in (*owl.box_head.modules(), *owl.class_head.modules()):
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=0.02)
+            torch.nn.init.zeros_(module.bias)
+    owl.save_pretrained(paths["detector"])
     s = d["image_size"]
     OwlViTImageProcessorPil(size={"height": s, "width": s}, crop_size={"height": s, "width": s}).save_pretrained(paths["detector"])
 
