@@ -122,6 +122,6 @@ def _embed_cos(runtime, img, res, ref) -> list[float]:
     img_emb = runtime.clip.encode_image(preprocess(crops, runtime.specs["clip"]))
     found_words = [w for w, f in zip(ref.words, ref.found) if f]
     txt_emb = np.concatenate(
-        [runtime.clip.encode_text([ref.caption]), runtime.bank.clip[runtime.bank.rows(found_words)].reshape(-1, img_emb.shape[1])]
+        [runtime.clip.encode_text([ref.caption]), runtime.bank.clip[runtime.bank.rows(found_words)]]
     )
     return [_cos_min(ref.image_embeds, img_emb), _cos_min(ref.text_embeds, txt_emb)]

@@ -54,6 +54,8 @@ class Detector:
         (ranked by logit: sigmoid scores saturate and would tie).
         """
         q = len(words)
+        if q == 0:
+            return []
         logits = logits[:, :q]
         labels = logits.argmax(-1)
         best_logit = logits.max(-1)

@@ -196,7 +196,7 @@ class Runtime:
                     img_emb[offset],
                     txt_emb[i],
                     img_emb[offset + 1 : offset + 1 + n],
-                    self.bank.clip[self.bank.rows([d.word for d in fs])].reshape(n, -1),
+                    self.bank.clip[self.bank.rows([d.word for d in fs])],
                     np.asarray([d.score for d in ds], np.float32),
                     self.max_objects,
                 )

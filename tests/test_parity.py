@@ -94,3 +94,21 @@ def test_result_fields(runtime, samples):
         if not o.found:
             assert o.box is None and o.distance is None
     json.dumps(r.to_dict())  # serializable as is
+
+
+def test_caption_without_object_words(tiny_bundle, reference, samples):
+    """No word matches: no boxes, no crops, only the global pair; both chains agree."""
+    from itemrt import Runtime
+    from itemrt.words import Vocabulary
+
+    nothing = Vocabulary(["zzzz"], {})
+    with Runtime(tiny_bundle) as rt:
+        rt.vocabulary = nothing
+        reference.vocabulary, saved = nothing, reference.vocabulary
+        try:
+            report = chain_parity(rt, reference, [load_image(p) for p in samples[:2]])
+        finally:
+            reference.vocabulary = saved
+        r = rt.detect(samples[0])
+    assert report["summary"]["words_total"] == 0 and report["passed"]
+    assert r.objects == [] and 0.0 <= r.p_fake <= 1.0
