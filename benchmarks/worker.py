@@ -17,6 +17,14 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+# Fixed object words for comparable runs (--objects N): vocabulary words, in this order.
+BENCH_WORDS = ("person", "car", "dog", "tree", "chair", "cup", "bicycle", "bird")
+
+
+def _words(args) -> list[str] | None:
+    return None if args.objects is None else list(BENCH_WORDS[: args.objects])
+
+
 def run_onnxruntime(args) -> dict:
     from itemrt import Runtime
 
@@ -25,7 +33,7 @@ def run_onnxruntime(args) -> dict:
     load_s = time.perf_counter() - t0
 
     def once(path):
-        r = rt.detect(path)
+        r = rt.detect(path, max_new_tokens=args.tokens, words=_words(args))
         out = {"tokens": r.caption_tokens, "words": [o.word for o in r.objects],
                "found": [o.found for o in r.objects], "p_fake": r.p_fake}
         return out, dict(r.timings_ms)
@@ -49,7 +57,7 @@ def run_reference(args) -> dict:
         t = time.perf_counter()
         img = load_image(path)
         decode = (time.perf_counter() - t) * 1e3
-        r = ref.run(img)
+        r = ref.run(img, max_new_tokens=args.tokens, words=_words(args))
         timings = {"decode": decode, **r.timings_ms}
         timings["total"] = timings["total"] + decode
         return {"tokens": r.tokens, "words": r.words, "found": r.found, "p_fake": r.p_fake}, timings
@@ -81,6 +89,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--sequential", action="store_true")
+    p.add_argument("--tokens", type=int, default=None)
+    p.add_argument("--objects", type=int, default=None)
     args = p.parse_args()
     result = run_onnxruntime(args) if args.backend == "onnxruntime" else run_reference(args)
     print(json.dumps(result))

@@ -23,7 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .pipeline import export_bundle
+    try:
+        from .pipeline import export_bundle
+    except ImportError as e:  # the lean runtime install has no torch
+        print(f"item export needs the export extra: pip install 'itemrt[export]' ({e})", file=sys.stderr)
+        return 2
 
     sources = {k: getattr(args, k) for k in DEFAULT_SOURCES if getattr(args, k)}
     if args.random_init and sources:

@@ -65,7 +65,9 @@ class ReferenceChain:
         self.query_template, self.word_template = query_template, word_template
 
     @torch.no_grad()
-    def run(self, img: Image.Image) -> ReferenceResult:
+    def run(
+        self, img: Image.Image, *, max_new_tokens: int | None = None, words: list[str] | None = None
+    ) -> ReferenceResult:
         m, t = self.m, {}
 
         def tick(name, t0):
@@ -74,12 +76,13 @@ class ReferenceChain:
 
         t0 = time.perf_counter()
         px = m.blip_processor(img, return_tensors="pt")["pixel_values"]
-        out = m.blip.generate(pixel_values=px, do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens)
+        limit = max_new_tokens or self.max_new_tokens
+        out = m.blip.generate(pixel_values=px, do_sample=False, num_beams=1, max_new_tokens=limit)
         caption = m.blip_tokenizer.decode(out[0], skip_special_tokens=True).strip()
         tokens = _strip(out[0, 1:].tolist(), m.blip.config.text_config.sep_token_id)
         t0 = tick("captioner", t0)
 
-        words = self.vocabulary.extract(caption, self.max_objects)
+        words = self.vocabulary.extract(caption, self.max_objects) if words is None else list(words)
         found, scores, boxes = self._detect(img, words)
         t0 = tick("detector", t0)
 

@@ -17,14 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="item", description="ITEM-RT: fake-image detection by image-text misalignment")
     sub = p.add_subparsers(dest="cmd", required=True)
 
+    from itemrt.export.cli import add_arguments, run as run_export  # torch is imported only when run
+
     e = sub.add_parser("export", help="export frozen models to a bundle (needs the [export] extra)")
-    try:
-        from itemrt.export.cli import add_arguments, run as run_export
-    except ImportError as err:  # the lean install has no torch
-        e.set_defaults(func=lambda a: _no_export(err))
-    else:
-        add_arguments(e)
-        e.set_defaults(func=run_export)
+    add_arguments(e)
+    e.set_defaults(func=run_export)
 
     d = sub.add_parser("detect", help="p(fake), caption and object words for images")
     d.add_argument("paths", nargs="+", type=Path)
@@ -51,11 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     except ItemError as err:
         print(f"item: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
-
-
-def _no_export(err: ImportError) -> int:
-    print(f"item export needs the export extra (pip install 'itemrt[export]'): {err}", file=sys.stderr)
-    return 2
 
 
 def _detect(args) -> int:

@@ -104,17 +104,26 @@ class Runtime:
 
     # --- public API ---------------------------------------------------------------------
 
-    def detect(self, image: ImageInput, *, max_new_tokens: int | None = None) -> DetectionResult:
-        return self.detect_batch([image], max_new_tokens=max_new_tokens)[0]
+    def detect(
+        self, image: ImageInput, *, max_new_tokens: int | None = None, words: list[str] | None = None
+    ) -> DetectionResult:
+        return self.detect_batch([image], max_new_tokens=max_new_tokens, words=words)[0]
 
-    def detect_batch(self, images: list[ImageInput], *, max_new_tokens: int | None = None) -> list[DetectionResult]:
+    def detect_batch(
+        self, images: list[ImageInput], *, max_new_tokens: int | None = None, words: list[str] | None = None
+    ) -> list[DetectionResult]:
+        """`words`: look for these vocabulary words instead of the caption's (fixed-work profiling)."""
+        if words is not None:
+            unknown = [w for w in words if w not in self.bank.index]
+            if unknown:
+                raise ValueError(f"words not in the bundle's vocabulary: {unknown}")
         if not images:
             return []
         t = Timings()
         with t.stage("total"):
             with t.stage("decode"):
                 pil = [self._load(x, i, len(images)) for i, x in enumerate(images)]
-            results = self._run(pil, t, max_new_tokens)
+            results = self._run(pil, t, max_new_tokens, words)
         return [
             DetectionResult(**{**r.__dict__, "timings_ms": {k: round(v, 3) for k, v in t.items()}})
             for r in results
@@ -141,7 +150,9 @@ class Runtime:
                 raise
             raise type(e)(f"image {i}: {e}") from None
 
-    def _run(self, images: list[Image.Image], t: Timings, max_new_tokens: int | None) -> list[DetectionResult]:
+    def _run(
+        self, images: list[Image.Image], t: Timings, max_new_tokens: int | None, forced: list[str] | None
+    ) -> list[DetectionResult]:
         cap, det = self.captioner, self.detector
         with t.stage("preprocess"):
             px_cap = preprocess(images, self.specs["captioner"])
@@ -167,7 +178,10 @@ class Runtime:
             captions, det_out = caption(), detect_image()
 
         with t.stage("words"):
-            words = [self.vocabulary.extract(c, self.max_objects) for c in captions.texts]
+            if forced is None:
+                words = [self.vocabulary.extract(c, self.max_objects) for c in captions.texts]
+            else:
+                words = [list(forced) for _ in images]
         with t.stage("detector_queries"):
             rows = [self.bank.rows(w) for w in words]
             q = max(1, max(map(len, rows)))
