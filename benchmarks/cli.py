@@ -37,7 +37,7 @@ def _worker(backend: str, args) -> dict:
            "--images", *map(str, args.images)]
     cmd += ["--tokens", str(args.tokens)] if args.tokens else []
     cmd += ["--objects", str(args.objects)] if args.objects is not None else []
-    cmd += ["--sequential"] if args.sequential and backend == "onnxruntime" else []
+    cmd += ["--parallel"] if args.parallel and backend == "onnxruntime" else []
     print(f"[bench] {backend}: {args.runs} runs after {args.warmup} warm-up", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
@@ -53,7 +53,7 @@ def _stats(values: list[float]) -> dict:
 def report(results: dict, manifest: dict, args) -> dict:
     out = {"bundle": str(args.bundle), "random_init": manifest.get("random_init"), "machine": _machine(),
            "versions": manifest.get("versions"), "runs": args.runs, "warmup": args.warmup,
-           "tokens": args.tokens, "objects": args.objects, "sequential": args.sequential, "threads": args.threads,
+           "tokens": args.tokens, "objects": args.objects, "parallel": args.parallel, "threads": args.threads,
            "backends": {}}
     for name, r in results.items():
         stages = sorted({k for run in r["runs"] for k in run}, key=lambda k: (k == "total", list(r["runs"][0]).index(k) if k in r["runs"][0] else 99))
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=None, help="caption token limit (default: the bundle's)")
     p.add_argument("--objects", type=int, default=None,
                    help="look for this many fixed words instead of the caption's (same work in every run)")
-    p.add_argument("--sequential", action="store_true", help="run the runtime's stages one after another")
+    p.add_argument("--parallel", action="store_true", help="run the runtime's image-only stages side by side")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
     args = p.parse_args(argv)
     manifest = json.loads((args.bundle / "manifest.json").read_text())

@@ -29,7 +29,7 @@ def run_onnxruntime(args) -> dict:
     from itemrt import Runtime
 
     t0 = time.perf_counter()
-    rt = Runtime(args.bundle, threads=args.threads, parallel=not args.sequential)
+    rt = Runtime(args.bundle, threads=args.threads, parallel=args.parallel)
     load_s = time.perf_counter() - t0
 
     def once(path):
@@ -88,7 +88,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--sequential", action="store_true")
+    p.add_argument("--parallel", action="store_true")
     p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--objects", type=int, default=None)
     args = p.parse_args()

@@ -119,7 +119,7 @@ def export_bundle(
 
         progress("parity: runtime chain (ONNX Runtime) against the PyTorch reference chain")
         reference = reference_for_bundle(tmp, models)
-        with Runtime(tmp, parallel=False) as rt:
+        with Runtime(tmp) as rt:
             chain = chain_parity(rt, reference, images)
         manifest["parity"]["chain"] = chain
         manifest["export_seconds"] = round(time.perf_counter() - t_start, 1)

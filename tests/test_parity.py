@@ -112,3 +112,13 @@ def test_caption_without_object_words(tiny_bundle, reference, samples):
         r = rt.detect(samples[0])
     assert report["summary"]["words_total"] == 0 and report["passed"]
     assert r.objects == [] and 0.0 <= r.p_fake <= 1.0
+
+
+def test_parallel_stages_give_the_same_results(tiny_bundle, runtime, samples):
+    from itemrt import Runtime
+
+    with Runtime(tiny_bundle, parallel=True) as rt:
+        par = rt.detect_batch(samples[:2])
+    seq = runtime.detect_batch(samples[:2])
+    for a, b in zip(par, seq):
+        assert a.caption_tokens == b.caption_tokens and abs(a.p_fake - b.p_fake) < 1e-6
