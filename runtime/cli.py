@@ -95,7 +95,7 @@ def _print_result(path: Path, r) -> None:
             box = ", ".join(f"{v:.0f}" for v in o.box)
             print(f"  {o.word:>16}: box [{box}] score {o.score:.3f} distance {o.distance:.4f}")
         else:
-            print(f"  {o.word:>16}: not found (best score {o.score:.3f})")
+            print(f"  {o.word:>16}: not found (no box labelled with it above threshold; best score {o.score:.3f})")
     stages = ", ".join(f"{k} {v:.1f}" for k, v in r.timings_ms.items())
     print(f"  ms: {stages}")
 
