@@ -56,7 +56,7 @@ def report(results: dict, manifest: dict, args) -> dict:
            "tokens": args.tokens, "objects": args.objects, "parallel": args.parallel, "threads": args.threads,
            "backends": {}}
     for name, r in results.items():
-        stages = sorted({k for run in r["runs"] for k in run}, key=lambda k: (k == "total", list(r["runs"][0]).index(k) if k in r["runs"][0] else 99))
+        stages = list(r["runs"][0])  # in the order the chain ran them, total last
         out["backends"][name] = {
             "stages_ms": {k: _stats([run.get(k, 0.0) for run in r["runs"]]) for k in stages},
             "peak_rss_mb": r["peak_rss_mb"],
@@ -105,11 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     manifest = json.loads((args.bundle / "manifest.json").read_text())
     if args.images is None:
-        args.images = sorted(Path(__file__).resolve().parent.parent.joinpath("runtime", "samples").glob("*.jpg"))
-        if not args.images:
-            from itemrt.cli import SAMPLES
+        from itemrt.cli import SAMPLES
 
-            args.images = sorted(SAMPLES.glob("*.jpg"))
+        args.images = sorted(SAMPLES.glob("*.jpg"))
     results = {b: _worker(b, args) for b in BACKENDS}
     rep = report(results, manifest, args)
     print_table(rep)
