@@ -23,14 +23,12 @@ import torch
 import itemrt
 from itemrt.backend import OrtSession, SessionOptions
 from itemrt.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
-from itemrt.clip import Clip
-from itemrt.detector import Detector
 from itemrt.errors import ItemError
 from itemrt.images import load_image
 from itemrt.preprocess import preprocess
 from itemrt.recipe import recipe
 from itemrt.runtime import Runtime
-from itemrt.text import TextTokenizer, TokenizerSpec
+from itemrt.text import TextTokenizer, TextTower, TokenizerSpec
 from itemrt.words import DEFAULT_VOCABULARY, Vocabulary
 
 from . import graphs
@@ -320,23 +318,13 @@ def _build_bank(root: Path, tok_specs: dict, query_template: str, word_template:
         spec = TokenizerSpec.from_dict(tok_specs[kind])
         return TextTokenizer(root / spec.file, spec)
 
-    det = Detector(
-        OrtSession(root / "detector_image.onnx", "detector_image", opts),
-        OrtSession(root / "detector_head.onnx", "detector_head", opts),
-        OrtSession(root / "detector_text.onnx", "detector_text", opts),
-        tok("detector"),
-    )
-    clip = Clip(
-        OrtSession(root / "clip_image.onnx", "clip_image", opts),
-        OrtSession(root / "clip_text.onnx", "clip_text", opts),
-        tok("clip"),
-        cache_size=0,
-    )
+    det = TextTower(OrtSession(root / "detector_text.onnx", "detector_text", opts), tok("detector"), "query_embeds")
+    clip = TextTower(OrtSession(root / "clip_text.onnx", "clip_text", opts), tok("clip"), "text_embeds")
     chunks = [words[i : i + 64] for i in range(0, len(words), 64)]
     bank = {
         "words": np.asarray(words),
-        "clip": np.concatenate([clip.encode_text([word_template.format(w) for w in c]) for c in chunks]),
-        "detector": np.concatenate([det.encode_text([query_template.format(w) for w in c]) for c in chunks]),
+        "clip": np.concatenate([clip([word_template.format(w) for w in c]) for c in chunks]),
+        "detector": np.concatenate([det([query_template.format(w) for w in c]) for c in chunks]),
     }
     np.savez(root / "bank.npz", **bank)
     return bank

@@ -8,7 +8,7 @@ from collections import OrderedDict
 import numpy as np
 
 from .backend import OrtSession
-from .text import TextTokenizer
+from .text import TextTower
 
 
 class LRUCache:
@@ -41,8 +41,8 @@ class LRUCache:
 
 
 class Clip:
-    def __init__(self, image: OrtSession, text: OrtSession, tokenizer: TextTokenizer, cache_size: int = 4096):
-        self.image, self.text, self.tokenizer = image, text, tokenizer
+    def __init__(self, image: OrtSession, text: TextTower, cache_size: int = 4096):
+        self.image, self.text = image, text
         self.cache = LRUCache(cache_size)
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
@@ -53,8 +53,7 @@ class Clip:
         found = {t: self.cache.get(t) for t in dict.fromkeys(texts)}
         missing = [t for t, v in found.items() if v is None]
         if missing:
-            ids, mask = self.tokenizer(missing)
-            emb = self.text.run({"input_ids": ids, "attention_mask": mask})["text_embeds"]
+            emb = self.text(missing)
             for t, e in zip(missing, emb):
                 found[t] = e
                 self.cache.put(t, e)

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import OrtSession
-from .text import TextTokenizer
 
 
 @dataclass(frozen=True)
@@ -19,24 +18,13 @@ class Detection:
 
 
 class Detector:
-    def __init__(
-        self,
-        image: OrtSession,
-        head: OrtSession,
-        text: OrtSession | None = None,
-        tokenizer: TextTokenizer | None = None,
-    ):
-        # The text tower is only needed to build the word bank; the runtime reads the bank.
-        self.image, self.head, self.text, self.tokenizer = image, head, text, tokenizer
+    """Queries come from the bundle's word bank (built at export with the text tower)."""
+
+    def __init__(self, image: OrtSession, head: OrtSession):
+        self.image, self.head = image, head
 
     def encode_image(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         return self.image.run({"pixel_values": pixels})
-
-    def encode_text(self, queries: list[str]) -> np.ndarray:
-        if self.text is None or self.tokenizer is None:
-            raise RuntimeError("this Detector was built without its text tower")
-        ids, mask = self.tokenizer(queries)
-        return self.text.run({"input_ids": ids, "attention_mask": mask})["query_embeds"]
 
     def logits(self, image_out: dict[str, np.ndarray], queries: np.ndarray) -> np.ndarray:
         """queries (B, Q, D) -> class logits (B, P, Q)."""

@@ -24,7 +24,7 @@ from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, crop_box, load_imag
 from .preprocess import ImageSpec, preprocess
 from .recipe import Pairs, distances, recipe
 from .results import DetectionResult, ObjectResult
-from .text import TextTokenizer, TokenizerSpec
+from .text import TextTokenizer, TextTower, TokenizerSpec
 from .words import Vocabulary
 
 
@@ -92,7 +92,7 @@ class Runtime:
             DecodingSpec.from_dict(m["captioner"]["decoding"]),
         )
         self.detector = Detector(session("detector_image"), session("detector_head"))
-        self.clip = Clip(session("clip_image"), session("clip_text"), tokenizer("clip"))
+        self.clip = Clip(session("clip_image"), TextTower(session("clip_text"), tokenizer("clip"), "text_embeds"))
         self.head = session("head")
         self.specs = {k: ImageSpec.from_dict(m[k]["preprocess"]) for k in ("captioner", "detector", "clip")}
         self.vocabulary = Vocabulary.load(b.file(m["words"]["vocabulary"]))

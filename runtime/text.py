@@ -41,3 +41,14 @@ class TextTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True).strip()
+
+
+class TextTower:
+    """A text encoder graph with its tokenizer: texts -> embeddings (one batched run)."""
+
+    def __init__(self, session, tokenizer: TextTokenizer, output: str):
+        self.session, self.tokenizer, self.output = session, tokenizer, output
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        ids, mask = self.tokenizer(texts)
+        return self.session.run({"input_ids": ids, "attention_mask": mask})[self.output]
