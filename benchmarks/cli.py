@@ -1,98 +1,146 @@
-"""`item-bench BUNDLE`: the ONNX Runtime chain against the PyTorch reference chain, same run.
+"""`item-bench BUNDLE`: the ITEM chain stage by stage, every backend side by side, one run.
 
-Each backend runs in its own process (peak RSS is its own); stage timings are medians over
-the timed runs after warm-up; outputs (caption tokens, words, p(fake)) must match.
+Each backend runs in its own process (its peak RSS is its own), on the same images with
+the same fixed work (`--tokens`, `--objects`). Reported: p50/p90/p99 per stage after
+warm-up, decoder time per token, images/s at several batch sizes and with concurrent
+callers, caption-cache hit rate, matmul GFLOP/s per stage against the machine's measured
+matmul peak, peak RSS, and whether each backend's outputs match the PyTorch reference.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
+from . import peak
+from .report import SCHEMA, backend_report, compare, markdown, outputs_match, table
 
-BACKENDS = ("reference", "onnxruntime")
+# name -> (worker backend, precision); FP16 graphs and TensorRT come with the GPU path.
+BACKENDS = {
+    "reference": ("reference", "fp32"),
+    "ort-fp32": ("onnxruntime", "fp32"),
+    "ort-int8": ("onnxruntime", "int8"),
+    "ort-fp16": (None, "fp16"),
+    "tensorrt": (None, "fp16"),
+}
+ISA = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 
-def _machine() -> dict:
-    cpu = platform.processor() or platform.machine()
+def machine() -> dict:
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "system": platform.system()}
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem, 1), "isa": [f for f in ISA if f in flags],
+            "gpu": None, "system": platform.system(), "python": platform.python_version()}
 
 
-def _worker(backend: str, args) -> dict:
-    cmd = [sys.executable, "-m", "itemrt.bench.worker", "--backend", backend, "--bundle", str(args.bundle),
-           "--runs", str(args.runs), "--warmup", str(args.warmup), "--threads", str(args.threads),
-           "--images", *map(str, args.images)]
+def _versions() -> dict:
+    import numpy
+    import onnxruntime
+
+    import itemrt
+
+    v = {"itemrt": itemrt.__version__, "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__}
+    try:
+        import torch
+
+        v["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return v
+
+
+def _skip_reason(name: str, bundle_precisions: list[str]) -> str | None:
+    kind, precision = BACKENDS[name]
+    if name == "tensorrt":
+        return "TensorRT is not installed here (the GPU path: `item build` on the target machine)"
+    if kind is None:
+        return f"this itemrt has no {precision} ONNX graphs yet (the GPU path)"
+    if precision not in bundle_precisions:
+        return f"the bundle has no {precision} graphs (exported with --no-int8, or none passed its gate)"
+    return None
+
+
+def _worker(name: str, args) -> dict:
+    kind, precision = BACKENDS[name]
+    cmd = [sys.executable, "-m", "itemrt.bench.worker", "--backend", kind, "--precision", precision,
+           "--bundle", str(args.bundle), "--runs", str(args.runs), "--warmup", str(args.warmup),
+           "--threads", str(args.threads), "--text-cache", args.text_cache,
+           "--batch-sizes", *map(str, args.batch_sizes), "--callers", *map(str, args.callers),
+           "--throughput-repeats", str(args.throughput_repeats), "--images", *map(str, args.images)]
     cmd += ["--tokens", str(args.tokens)] if args.tokens else []
     cmd += ["--objects", str(args.objects)] if args.objects is not None else []
-    cmd += ["--parallel"] if args.parallel and backend == "onnxruntime" else []
-    print(f"[bench] {backend}: {args.runs} runs after {args.warmup} warm-up", file=sys.stderr, flush=True)
+    cmd += ["--parallel"] if args.parallel else []
+    print(f"[bench] {name}: {args.warmup} warm-up, {args.runs} timed runs", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"item-bench: the {backend} worker failed (exit {proc.returncode})")
+        raise SystemExit(f"item-bench: the {name} worker failed (exit {proc.returncode})")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _stats(values: list[float]) -> dict:
-    a = np.asarray(values, np.float64)
-    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)), "mean": float(a.mean())}
+def run(args) -> dict:
+    from itemrt.bundle import Bundle
 
-
-def report(results: dict, manifest: dict, args) -> dict:
-    out = {"bundle": str(args.bundle), "random_init": manifest.get("random_init"), "machine": _machine(),
-           "versions": manifest.get("versions"), "runs": args.runs, "warmup": args.warmup,
-           "tokens": args.tokens, "objects": args.objects, "parallel": args.parallel, "threads": args.threads,
-           "backends": {}}
-    for name, r in results.items():
-        stages = list(r["runs"][0])  # in the order the chain ran them, total last
-        out["backends"][name] = {
-            "stages_ms": {k: _stats([run.get(k, 0.0) for run in r["runs"]]) for k in stages},
-            "peak_rss_mb": r["peak_rss_mb"],
-            "load_s": r["load_s"],
-            "torch_imported": r["torch_imported"],
-        }
-    ref, ort = results["reference"]["outputs"], results["onnxruntime"]["outputs"]
-    out["outputs_match"] = all(
-        ref[k]["tokens"] == ort[k]["tokens"] and ref[k]["words"] == ort[k]["words"]
-        and ref[k]["found"] == ort[k]["found"] and abs(ref[k]["p_fake"] - ort[k]["p_fake"]) <= 1e-4
-        for k in ref
-    )
-    out["per_image"] = {k: {"tokens": len(v["tokens"]), "words": len(v["words"]), "found": sum(v["found"])} for k, v in ort.items()}
-    b = out["backends"]
-    out["speedup_p50"] = b["reference"]["stages_ms"]["total"]["p50"] / b["onnxruntime"]["stages_ms"]["total"]["p50"]
-    return out
-
-
-def print_table(rep: dict) -> None:
-    m = rep["machine"]
-    print(f"item-bench  {rep['bundle']}  (random-init: {rep['random_init']})  {m['cpu']}, {m['cores']} cores")
-    for name, b in rep["backends"].items():
-        print(f"\n{name}: peak RSS {b['peak_rss_mb']:.0f} MB, load {b['load_s']:.1f} s, torch imported: {b['torch_imported']}")
-        print(f"  {'stage':<22}{'p50 ms':>10}{'p90 ms':>10}")
-        for stage, s in b["stages_ms"].items():
-            print(f"  {stage:<22}{s['p50']:>10.1f}{s['p90']:>10.1f}")
-    per = list(rep["per_image"].values())
-    print(f"\nper image: tokens {[p['tokens'] for p in per]}, words {[p['words'] for p in per]}, found {[p['found'] for p in per]}")
-    print(f"end to end p50: reference {rep['backends']['reference']['stages_ms']['total']['p50']:.0f} ms, "
-          f"onnxruntime {rep['backends']['onnxruntime']['stages_ms']['total']['p50']:.0f} ms, "
-          f"speedup {rep['speedup_p50']:.2f}x; outputs match: {rep['outputs_match']}")
+    bundle = Bundle.open(args.bundle, verify=False)  # the workers' runtimes verify hashes
+    manifest = bundle.manifest
+    print("[bench] matmul peak", file=sys.stderr, flush=True)
+    rep = {
+        "schema": SCHEMA,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "item-bench " + " ".join(shlex.quote(a) for a in (args.argv or [])),
+        "bundle": str(args.bundle),
+        "bundle_name": bundle.name,
+        "random_init": manifest.get("random_init"),
+        "machine": machine(),
+        "versions": _versions(),
+        "settings": {k: getattr(args, k) for k in ("runs", "warmup", "tokens", "objects", "threads", "parallel",
+                                                   "text_cache", "batch_sizes", "callers", "throughput_repeats")},
+        "images": [str(p) for p in args.images],
+        "matmul_peak": peak.measure(args.threads),
+        "backends": {},
+    }
+    raws = {}
+    for name in args.backends:
+        reason = _skip_reason(name, bundle.precisions())
+        if reason:
+            rep["backends"][name] = {"status": "skipped", "reason": reason}
+            continue
+        raws[name] = _worker(name, args)
+        rep["backends"][name] = backend_report(raws[name], rep["matmul_peak"], BACKENDS[name][1])
+    if "reference" in raws:
+        ref_total = rep["backends"]["reference"]["stages_ms"]["total"]["p50"]
+        for name, raw in raws.items():
+            if name == "reference":
+                continue
+            b = rep["backends"][name]
+            b["speedup_vs_reference"] = ref_total / b["stages_ms"]["total"]["p50"]
+            b["mismatches"] = outputs_match(raws["reference"]["outputs"], raw["outputs"], BACKENDS[name][1] == "fp32")
+            b["outputs_match_reference"] = not b["mismatches"]
+    first = next(iter(raws.values()), None)
+    if first:
+        rep["per_image"] = {k: {"tokens": len(v["tokens"]), "words": len(v["words"]), "found": sum(v["found"])}
+                            for k, v in first["outputs"].items()}
+    return rep
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="item-bench", description=__doc__.splitlines()[0])
     p.add_argument("bundle", type=Path)
+    p.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
     p.add_argument("--images", nargs="+", type=Path, default=None, help="default: the shipped sample images")
     p.add_argument("--runs", type=int, default=8)
     p.add_argument("--warmup", type=int, default=1)
@@ -100,20 +148,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=None, help="caption token limit (default: the bundle's)")
     p.add_argument("--objects", type=int, default=None,
                    help="look for this many fixed words instead of the caption's (same work in every run)")
+    p.add_argument("--text-cache", choices=["cold", "warm"], default="cold",
+                   help="cold: caption cache cleared before each run (every caption new); warm: kept")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--callers", type=int, nargs="+", default=[1, 2], help="concurrent detect() callers")
+    p.add_argument("--throughput-repeats", type=int, default=2)
     p.add_argument("--parallel", action="store_true", help="run the runtime's image-only stages side by side")
-    p.add_argument("--json", type=Path, default=None, help="write the report here")
+    p.add_argument("--json", type=Path, default=None, help="write the report (schema in benchmarks/README.md)")
+    p.add_argument("--markdown", type=Path, default=None, help="write a markdown table")
+    p.add_argument("--charts", type=Path, default=None, help="folder for stages.png and batch.png")
+    p.add_argument("--compare", type=Path, default=None, help="an earlier --json report: print p50 deltas")
     args = p.parse_args(argv)
-    manifest = json.loads((args.bundle / "manifest.json").read_text())
+    args.argv = sys.argv[1:] if argv is None else argv
     if args.images is None:
         from itemrt.cli import SAMPLES
 
         args.images = sorted(SAMPLES.glob("*.jpg"))
-    results = {b: _worker(b, args) for b in BACKENDS}
-    rep = report(results, manifest, args)
-    print_table(rep)
+    rep = run(args)
+    print(table(rep))
+    if args.compare:
+        print("\n" + compare(json.loads(args.compare.read_text()), rep))
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rep, indent=1) + "\n")
-    return 0 if rep["outputs_match"] else 1
+    if args.markdown:
+        args.markdown.write_text(markdown(rep))
+    if args.charts:
+        from .charts import write
+
+        for path in write(rep, args.charts):
+            print(f"chart: {path}")
+    matched = [b.get("outputs_match_reference", True) for b in rep["backends"].values() if b["status"] == "ok"]
+    return 0 if all(matched) else 1
 
 
 if __name__ == "__main__":

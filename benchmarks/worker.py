@@ -1,44 +1,160 @@
-"""One backend's measurement, run in its own process so peak RSS is that backend's alone.
+"""One backend's measurement, in its own process so peak RSS is that backend's alone.
 
-Prints one JSON object: per-run stage timings, per-image outputs (for the match check),
-peak RSS. The onnxruntime worker never imports torch.
+Prints one JSON object (the raw material of the report): per-run stage timings, per-image
+outputs for the match check, text-cache counts, throughput at batch sizes and with
+concurrent callers, matmul FLOPs per stage (ONNX Runtime's node profile), peak RSS.
+The ONNX Runtime workers never import torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import resource
 import sys
+import tempfile
+import threading
 import time
+
+import numpy as np
+
+from itemrt.words import PROBE_WORDS
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-# Fixed object words for comparable runs (--objects N): vocabulary words, in this order.
-BENCH_WORDS = ("person", "car", "dog", "tree", "chair", "cup", "bicycle", "bird")
+def _log(msg: str) -> None:
+    print(f"  {msg}", file=sys.stderr, flush=True)
 
 
 def _words(args) -> list[str] | None:
-    return None if args.objects is None else list(BENCH_WORDS[: args.objects])
+    return None if args.objects is None else list(PROBE_WORDS[: args.objects])
+
+
+# --- ONNX Runtime ---------------------------------------------------------------------------
 
 
 def run_onnxruntime(args) -> dict:
     from itemrt import Runtime
+    from itemrt.images import load_image
 
+    images = [load_image(p) for p in args.images]  # decode is timed below, from the file bytes
+    blobs = [open(p, "rb").read() for p in args.images]
     t0 = time.perf_counter()
-    rt = Runtime(args.bundle, threads=args.threads, parallel=args.parallel)
+    rt = Runtime(args.bundle, precision=args.precision, threads=args.threads, parallel=args.parallel)
     load_s = time.perf_counter() - t0
+    cache = rt.clip.cache
 
-    def once(path):
-        r = rt.detect(path, max_new_tokens=args.tokens, words=_words(args))
+    def once(i: int):
+        if args.text_cache == "cold":
+            cache.clear()
+        r = rt.detect(blobs[i], max_new_tokens=args.tokens, words=_words(args))
+        timings = {}
+        for k, v in r.timings_ms.items():
+            timings[k] = v
+            if k == "captioner_decoder":
+                timings["captioner_decoder_per_token"] = v / max(1, len(r.caption_tokens))
         out = {"tokens": r.caption_tokens, "words": [o.word for o in r.objects],
                "found": [o.found for o in r.objects], "p_fake": r.p_fake}
-        return out, dict(r.timings_ms)
+        return out, timings
 
-    return _measure(once, args, load_s)
+    result = _measure(once, args, load_s)
+    hits0, misses0 = cache.hits, cache.misses
+    result["text_cache"] = {"mode": args.text_cache, "hits": hits0, "misses": misses0,
+                            "hit_rate": hits0 / max(1, hits0 + misses0)}
+    result["word_queries"] = "bank"  # object-word queries and CLIP word embeddings come from the bundle's bank
+    result["precisions"] = rt.precisions
+    result["throughput"] = _throughput(rt, images, args)
+    result["throughput"]["peak_rss_mb"] = _peak_rss_mb()  # larger batches hold more activations
+    rt.close()
+    rt = None  # free its sessions before the profiling pass loads the graphs again
+    gc.collect()
+    result["flops"] = _profile_flops(args, Runtime, blobs)
+    return result
+
+
+def _throughput(rt, images, args) -> dict:
+    """Images/s of detect_batch at each batch size, and of single detects from concurrent callers."""
+    words, out = _words(args), {"batch": {}, "callers": {}}
+    for b in args.batch_sizes:
+        batch = [images[i % len(images)] for i in range(b)]
+        rt.detect_batch(batch, max_new_tokens=args.tokens, words=words)  # warm this shape
+        times = []
+        for _ in range(args.throughput_repeats):
+            t0 = time.perf_counter()
+            rt.detect_batch(batch, max_new_tokens=args.tokens, words=words)
+            times.append(time.perf_counter() - t0)
+        med = float(np.median(times))
+        out["batch"][str(b)] = {"images_per_s": b / med, "batch_ms": med * 1e3}
+        _log(f"batch {b}: {b / med:.2f} images/s")
+    for c in args.callers:
+        per_caller = args.throughput_repeats * 2
+
+        def caller(k: int):
+            for j in range(per_caller):
+                rt.detect(images[(k + j) % len(images)], max_new_tokens=args.tokens, words=words)
+
+        threads = [threading.Thread(target=caller, args=(k,)) for k in range(c)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        out["callers"][str(c)] = {"images_per_s": c * per_caller / wall, "requests": c * per_caller}
+        _log(f"{c} concurrent callers: {c * per_caller / wall:.2f} images/s")
+    return out
+
+
+# Matmul-like ops and their FLOPs from ONNX Runtime's recorded shapes: 2 * output elements * K.
+_MATMUL_OPS = {"MatMul", "FusedMatMul", "Gemm", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+
+
+def node_flops(op: str, in_shapes: list[list[int]], out_shapes: list[list[int]]) -> int:
+    if not out_shapes or not in_shapes:
+        return 0
+    out = int(np.prod(out_shapes[0], dtype=np.int64))
+    if op in _MATMUL_OPS:
+        return 2 * out * int(in_shapes[0][-1])
+    if op == "Conv" and len(in_shapes) > 1:
+        w = in_shapes[1]  # (C_out, C_in / groups, kh, kw)
+        return 2 * out * int(np.prod(w[1:], dtype=np.int64))
+    return 0
+
+
+def profile_flops(path: str) -> int:
+    """Matmul and convolution FLOPs of every node run recorded in one ONNX Runtime profile."""
+    with open(path) as f:
+        events = json.load(f)
+    total = 0
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        a = e.get("args", {})
+        shapes = [[list(d.values())[0] for d in a.get(k, [])] for k in ("input_type_shape", "output_type_shape")]
+        total += node_flops(a.get("op_name", ""), *shapes)
+    return total
+
+
+def _profile_flops(args, Runtime, blobs) -> list[dict[str, int]]:
+    """FLOPs per stage for each bench image: one profiled pass with a fresh runtime."""
+    per_image = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, blob in enumerate(blobs):
+            prefix = os.path.join(tmp, f"img{i}-")
+            with Runtime(args.bundle, precision=args.precision, threads=args.threads, verify=False,
+                         profile_prefix=prefix) as rt:
+                rt.detect(blob, max_new_tokens=args.tokens, words=_words(args))
+                per_image.append({name: profile_flops(s.end_profiling()) for name, s in rt.sessions.items()})
+            _log(f"profiled image {i + 1}/{len(blobs)} for FLOPs")
+    return per_image
+
+
+# --- PyTorch reference ----------------------------------------------------------------------
 
 
 def run_reference(args) -> dict:
@@ -47,42 +163,52 @@ def run_reference(args) -> dict:
     from itemrt.export.reference import reference_for_bundle
     from itemrt.images import load_image
 
+    torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
+    blobs = [open(p, "rb").read() for p in args.images]
     t0 = time.perf_counter()
     ref = reference_for_bundle(args.bundle)
     load_s = time.perf_counter() - t0
 
-    def once(path):
+    def once(i: int):
         t = time.perf_counter()
-        img = load_image(path)
+        img = load_image(blobs[i])
         decode = (time.perf_counter() - t) * 1e3
         r = ref.run(img, max_new_tokens=args.tokens, words=_words(args))
         timings = {"decode": decode, **r.timings_ms}
         timings["total"] = timings["total"] + decode
         return {"tokens": r.tokens, "words": r.words, "found": r.found, "p_fake": r.p_fake}, timings
 
-    return _measure(once, args, load_s)
+    result = _measure(once, args, load_s)
+    result["precisions"] = {"all": "fp32 (PyTorch eager)"}
+    result["word_queries"] = "text towers on every image"
+    return result
+
+
+# --- shared ---------------------------------------------------------------------------------
 
 
 def _measure(once, args, load_s: float) -> dict:
-    outputs = {}
-    for path in args.images[: max(1, args.warmup)]:
-        once(path)
-    runs = []
-    for i in range(args.runs):
-        path = args.images[i % len(args.images)]
-        out, timings = once(path)
-        outputs[path] = out
+    n = len(args.images)
+    for i in range(max(args.warmup, 0)):
+        once(i % n)
+    outputs, runs, run_images = {}, [], []
+    for k in range(args.runs):
+        i = k % n
+        out, timings = once(i)
+        outputs[str(args.images[i])] = out
         runs.append(timings)
-        print(f"  run {i + 1}/{args.runs}: {timings['total']:.0f} ms", file=sys.stderr, flush=True)
-    return {"load_s": load_s, "runs": runs, "outputs": outputs, "peak_rss_mb": _peak_rss_mb(),
-            "torch_imported": "torch" in sys.modules}
+        run_images.append(i)
+        _log(f"run {k + 1}/{args.runs}: {timings['total']:.0f} ms")
+    return {"load_s": load_s, "runs": runs, "run_images": run_images, "outputs": outputs,
+            "peak_rss_mb": _peak_rss_mb(), "torch_imported": "torch" in sys.modules}
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--backend", choices=["onnxruntime", "reference"], required=True)
+    p.add_argument("--precision", default="fp32")
     p.add_argument("--bundle", required=True)
     p.add_argument("--images", nargs="+", required=True)
     p.add_argument("--runs", type=int, default=5)
@@ -91,6 +217,10 @@ def main() -> None:
     p.add_argument("--parallel", action="store_true")
     p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--objects", type=int, default=None)
+    p.add_argument("--text-cache", choices=["cold", "warm"], default="cold")
+    p.add_argument("--batch-sizes", type=int, nargs="*", default=[1])
+    p.add_argument("--callers", type=int, nargs="*", default=[1])
+    p.add_argument("--throughput-repeats", type=int, default=2)
     args = p.parse_args()
     result = run_onnxruntime(args) if args.backend == "onnxruntime" else run_reference(args)
     print(json.dumps(result))

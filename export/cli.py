@@ -19,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--max-objects", type=int, default=4)
     p.add_argument("--det-threshold", type=float, default=0.1)
+    p.add_argument("--no-int8", dest="int8", action="store_false",
+                   help="skip the INT8 graphs (by default they are made, gated, and used where they pass)")
     p.add_argument("--parity-images", nargs="+", default=None, help="images for the parity checks (default: samples)")
 
 
@@ -40,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         max_objects=args.max_objects,
         det_threshold=args.det_threshold,
+        int8=args.int8,
         parity_images=args.parity_images,
         command="item " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         progress=lambda msg: print(f"[export] {msg}", file=sys.stderr, flush=True),

@@ -31,6 +31,8 @@ class SessionOptions:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     # Spinning threads burn the cores that concurrently running stages need.
     spin: bool = False
+    # Write ONNX Runtime's per-node profile (item-bench counts FLOPs from it); slows runs a little.
+    profile_prefix: str | None = None
 
 
 class OrtSession:
@@ -42,6 +44,9 @@ class OrtSession:
         so.intra_op_num_threads = options.threads or (os.cpu_count() or 1)
         so.inter_op_num_threads = 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin else "0")
+        if options.profile_prefix:
+            so.enable_profiling = True
+            so.profile_file_prefix = f"{options.profile_prefix}{name}"
         try:
             self._sess = ort.InferenceSession(str(path), sess_options=so, providers=list(options.providers))
         except Exception as e:  # ORT raises its own opaque types
@@ -49,6 +54,10 @@ class OrtSession:
         self.name = name
         self.inputs = {i.name: _ORT_DTYPES.get(i.type) for i in self._sess.get_inputs()}
         self.outputs = [o.name for o in self._sess.get_outputs()]
+
+    def end_profiling(self) -> str:
+        """Path of the profile JSON (profiling must have been on)."""
+        return self._sess.end_profiling()
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         if feeds.keys() != self.inputs.keys():

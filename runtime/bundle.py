@@ -33,6 +33,11 @@ REQUIRED_COMPONENTS = (
 )
 
 
+# Numeric precisions a component can have. FP32 is the exported graph itself; others are
+# variants that passed their parity gate at export ("used" in the manifest).
+PRECISIONS = ("fp32", "int8")
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -89,8 +94,10 @@ class Bundle:
                     f"{_redo(self.manifest, self.root)}"
                 )
         for name, comp in self.manifest["components"].items():
-            if comp["file"] not in self.manifest.get("files", {}):
-                raise BundleIntegrityError(f"component {name}'s file {comp['file']} is not hashed in the manifest")
+            used = [v["file"] for v in comp.get("variants", {}).values() if v.get("used")]
+            for f in [comp["file"], *used]:
+                if f not in self.manifest.get("files", {}):
+                    raise BundleIntegrityError(f"component {name}'s file {f} is not hashed in the manifest")
 
     # --- access -------------------------------------------------------------------------
 
@@ -102,8 +109,24 @@ class Bundle:
     def component(self, name: str) -> dict[str, Any]:
         return self.manifest["components"][name]
 
-    def component_path(self, name: str) -> Path:
-        return self.file(self.component(name)["file"])
+    def component_path(self, name: str, precision: str = "fp32") -> tuple[Path, str]:
+        """The graph to run for `precision`, and the precision it really has: a part whose
+        reduced-precision variant failed its gate (or was never made) stays FP32."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        v = self.component(name).get("variants", {}).get(precision)
+        if precision != "fp32" and v and v.get("used"):
+            return self.file(v["file"]), precision
+        return self.file(self.component(name)["file"]), "fp32"
+
+    def precisions(self) -> list[str]:
+        """FP32 and every precision at least one component has a gated variant for."""
+        have = {p for c in self.manifest["components"].values() for p, v in c.get("variants", {}).items() if v.get("used")}
+        return [p for p in PRECISIONS if p == "fp32" or p in have]
+
+    @property
+    def default_precision(self) -> str:
+        return self.manifest.get("default_precision", "fp32")
 
     @property
     def name(self) -> str:

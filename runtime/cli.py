@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--explain", type=Path, default=None,
                    help="PNG with boxes, words, distances and the verdict (a folder when several images)")
     d.add_argument("--threads", type=int, default=0)
+    d.add_argument("--precision", choices=["fp32", "int8"], default=None,
+                   help="graphs to run (default: the bundle's; int8 where its gate passed at export)")
     d.set_defaults(func=_detect)
 
     i = sub.add_parser("info", help="what a bundle holds and where it came from")
@@ -62,7 +64,7 @@ def _detect(args) -> int:
     if args.explain and (many or args.explain.suffix.lower() != ".png"):
         args.explain.mkdir(parents=True, exist_ok=True)
     failures = 0
-    with Runtime(args.bundle, threads=args.threads) as rt:
+    with Runtime(args.bundle, threads=args.threads, precision=args.precision) as rt:
         for path in args.paths:
             try:
                 img = load_image(path, rt.image_limits)  # decoded once: for the chain and the picture
@@ -131,13 +133,27 @@ def _info(args) -> int:
         rel = max(x["rel"] for x in worst)
         ins = ", ".join(f"{i['name']}{i['shape']}" for i in c["inputs"])
         print(f"  {name:<20} {c['precision']}  cos {cos:.6f}  rel {rel:.1e}  {c['file']}  in: {ins}")
-    ch = m["parity"]["chain"]["summary"]
+        for prec, v in c.get("variants", {}).items():
+            cos = min(x["cos_min"] for x in v["parity"].values())
+            state = "used" if v["used"] else f"not used: {v.get('reason', '')}"
+            print(f"  {'':<20} {prec}  cos {cos:.6f}  {state}")
+    _print_chain("chain fp32", m["parity"]["chain"])
+    if "int8" in m.get("precisions", {}):
+        q = m["precisions"]["int8"]
+        print(f"int8       {len(q['used'])} graphs {q['used']}; gates {q['gates']}")
+        if q["chain"]:
+            _print_chain("chain int8", q["chain"])
+    print(f"default    precision {b.default_precision}; available {b.precisions()}")
+    return 0
+
+
+def _print_chain(label: str, chain: dict) -> None:
+    ch = chain["summary"]
     print(
-        f"chain      vs PyTorch reference on {ch['images']} images: tokens equal {ch['tokens_equal']}, "
+        f"{label} vs PyTorch reference on {ch['images']} runs: tokens equal {ch['tokens_equal']}, "
         f"words equal {ch['words_equal']}, box IoU min {ch['box_iou_min']:.4f}, embedding cos min "
         f"{ch['embed_cos_min']:.6f}, |dp| max {ch['p_fake_abs_diff_max']:.1e}, decisions equal {ch['decisions_equal']}"
     )
-    return 0
 
 
 def _demo(args) -> int:

@@ -30,6 +30,10 @@ class LRUCache:
             self.hits += 1
             return v
 
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+
     def put(self, key: str, value: np.ndarray) -> None:
         if self.capacity <= 0:
             return

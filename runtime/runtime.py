@@ -15,11 +15,11 @@ import numpy as np
 from PIL import Image
 
 from .backend import OrtSession, SessionOptions
-from .bundle import Bundle
+from .bundle import PRECISIONS, Bundle
 from .captioner import Captioner, DecodingSpec
 from .clip import Clip
 from .detector import Detection, Detector
-from .errors import BundleIntegrityError, ImageError
+from .errors import BundleIntegrityError, BundleVersionError, ImageError
 from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, crop_box, load_image
 from .preprocess import ImageSpec, preprocess
 from .recipe import Pairs, distances, recipe
@@ -59,6 +59,11 @@ class WordBank:
 class Runtime:
     """Load a bundle once; detect on paths, bytes, PIL images or HxWx3 uint8 arrays.
 
+    `precision`: "fp32" (the exported graphs, parity 1e-4) or "int8" (the variants that passed
+    their gate at export; the rest stay FP32). Default: the bundle's `default_precision`.
+    `self.precisions` says what each graph really runs in. `profile_prefix` makes ONNX Runtime
+    write per-node profiles (item-bench counts FLOPs from them).
+
     Thread-safe: sessions are shared, caches are locked. `parallel` runs the captioner and
     the detector's image side side by side; on 2 cores that measured slower (item-bench,
     full size: 7.4 s vs 6.4 s p50) because both stages are compute-bound, so it is off by default.
@@ -68,17 +73,31 @@ class Runtime:
         self,
         bundle: str | Path,
         *,
+        precision: str | None = None,
         threads: int = 0,
         parallel: bool = False,
         verify: bool = True,
         image_limits: ImageLimits = DEFAULT_LIMITS,
+        profile_prefix: str | None = None,
     ):
         self.bundle = b = Bundle.open(bundle, verify=verify)
         m = b.manifest
-        opts = SessionOptions(threads=threads)
+        opts = SessionOptions(threads=threads, profile_prefix=profile_prefix)
+        self.precision = precision or b.default_precision
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if self.precision not in b.precisions():
+            raise BundleVersionError(
+                f"bundle {b.root} has no {self.precision} graphs (it has {b.precisions()}); "
+                f"re-export it with `item export --int8 ...`"
+            )
+        self.precisions: dict[str, str] = {}
+        self.sessions: dict[str, OrtSession] = {}
 
         def session(name: str) -> OrtSession:
-            return OrtSession(b.component_path(name), name, opts)
+            path, self.precisions[name] = b.component_path(name, self.precision)
+            self.sessions[name] = OrtSession(path, name, opts)
+            return self.sessions[name]
 
         def tokenizer(section: str) -> TextTokenizer:
             spec = TokenizerSpec.from_dict(m[section]["tokenizer"])

@@ -16,6 +16,10 @@ _TOKEN = re.compile(r"[a-z]+")
 
 DEFAULT_VOCABULARY = Path(__file__).with_name("data") / "vocabulary.json"
 
+# Fixed vocabulary words, in this order, for fixed-work runs: parity checks (random-weight
+# captions rarely name objects) and profiling (`item-bench --objects N`).
+PROBE_WORDS = ("person", "car", "dog", "tree", "chair", "cup", "bicycle", "bird")
+
 
 def plural_forms(word: str) -> list[str]:
     head, _, last = word.rpartition(" ")

@@ -27,7 +27,7 @@ def tiny_bundle(tmp_path_factory, cache_dir) -> Path:
 def runtime(tiny_bundle):
     from itemrt import Runtime
 
-    with Runtime(tiny_bundle) as rt:
+    with Runtime(tiny_bundle, precision="fp32") as rt:  # the exact-parity path
         yield rt
 
 

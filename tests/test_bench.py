@@ -1,4 +1,5 @@
-"""item-bench on the tiny bundle: both backends timed, every stage reported, outputs matched."""
+"""item-bench on the tiny bundle: every backend timed, every stage reported, outputs matched,
+the report's documented structure, charts, markdown and --compare."""
 
 from __future__ import annotations
 
@@ -6,24 +7,72 @@ import json
 import subprocess
 import sys
 
+import pytest
 
-def test_bench_report(tiny_bundle, samples, tmp_path):
-    out = tmp_path / "bench.json"
-    r = subprocess.run(
-        [sys.executable, "-m", "itemrt.bench.cli", str(tiny_bundle), "--runs", "2", "--json", str(out),
-         "--images", *map(str, samples[:2])],
-        capture_output=True, text=True,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    rep = json.loads(out.read_text())
-    assert rep["outputs_match"] is True
-    ort = rep["backends"]["onnxruntime"]
-    assert ort["torch_imported"] is False  # the runtime is torch-free
-    for stage in ("decode", "preprocess", "captioner_vision", "captioner_cross_kv", "captioner_decoder",
-                  "detector_image", "detector_head", "crops", "clip_image", "clip_text", "head", "total"):
-        assert ort["stages_ms"][stage]["p50"] > 0.0, stage
-    ref = rep["backends"]["reference"]
+from itemrt.bench.report import SCHEMA, compare
+from itemrt.bench.worker import node_flops
+
+RUNTIME_STAGES = ("decode", "preprocess", "captioner_vision", "captioner_cross_kv", "captioner_decoder",
+                  "captioner_decoder_per_token", "detector_image", "words", "detector_queries", "detector_head",
+                  "crops", "clip_image", "clip_text", "head", "total")
+
+
+@pytest.fixture(scope="module")
+def bench(tiny_bundle, samples, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, "-m", "itemrt.bench.cli", str(tiny_bundle), "--runs", "3", "--tokens", "8",
+           "--objects", "2", "--batch-sizes", "1", "2", "--callers", "1", "2", "--throughput-repeats", "1",
+           "--json", str(out / "bench.json"), "--markdown", str(out / "bench.md"), "--charts", str(out / "charts"),
+           "--images", *map(str, samples[:2])]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r, json.loads((out / "bench.json").read_text())
+
+
+def test_report_structure_and_every_stage_timed(bench):
+    _, r, rep = bench
+    assert rep["schema"] == SCHEMA
+    assert rep["settings"]["tokens"] == 8 and rep["settings"]["objects"] == 2
+    assert rep["versions"]["onnxruntime"] and rep["machine"]["cores"] >= 1
+    assert rep["matmul_peak"]["fp32_gflops"] > 0 and rep["matmul_peak"]["int8_gflops"] > 0
+    b = rep["backends"]
+    assert b["ort-fp16"]["status"] == b["tensorrt"]["status"] == "skipped" and b["tensorrt"]["reason"]
+    ran = [n for n in ("ort-fp32", "ort-int8") if b[n]["status"] == "ok"]
+    assert "ort-fp32" in ran and "ort-int8" in ran  # the tiny bundle has INT8 graphs
+    for name in ran:
+        ort = b[name]
+        assert ort["torch_imported"] is False  # the runtime is torch-free
+        for stage in RUNTIME_STAGES:
+            s = ort["stages_ms"][stage]
+            assert s["p50"] > 0.0 and s["p50"] <= s["p90"] <= s["p99"], (name, stage)
+        assert ort["outputs_match_reference"] is True, ort["mismatches"]
+        assert ort["speedup_vs_reference"] > 0
+        assert set(ort["throughput"]["batch"]) == {"1", "2"} and set(ort["throughput"]["callers"]) == {"1", "2"}
+        assert all(v["images_per_s"] > 0 for v in ort["throughput"]["batch"].values())
+        assert ort["text_cache"]["mode"] == "cold" and ort["text_cache"]["hit_rate"] == 0.0
+        assert ort["gflops"]["clip_image"]["gflop"] > 0 and ort["gflops"]["clip_image"]["achieved_gflops"] > 0
+        assert ort["peak_rss_mb"] > 0
+    assert b["ort-int8"]["precision"] == "int8" and "int8" in b["ort-int8"]["precisions"].values()
+    ref = b["reference"]
     assert set(ref["stages_ms"]) >= {"captioner", "detector", "clip", "head", "total"}
-    assert ref["peak_rss_mb"] > 0 and ort["peak_rss_mb"] > 0
-    assert rep["speedup_p50"] > 0
-    assert "speedup" in r.stdout and "outputs match: True" in r.stdout
+    assert ref["torch_imported"] is True
+    assert "end to end p50" in r.stdout and "outputs match: True" in r.stdout
+
+
+def test_markdown_charts_and_compare(bench):
+    out, _, rep = bench
+    md = (out / "bench.md").read_text()
+    assert "| **end to end** |" in md and "ort-int8" in md
+    for png in ("stages.png", "batch.png"):
+        assert (out / "charts" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    slower = json.loads(json.dumps(rep))
+    slower["backends"]["ort-fp32"]["stages_ms"]["total"]["p50"] *= 2
+    text = compare(rep, slower)
+    assert "+100.0%" in text
+
+
+def test_flops_of_matmul_and_conv():
+    assert node_flops("MatMul", [[2, 3, 4], [4, 5]], [[2, 3, 5]]) == 2 * 2 * 3 * 5 * 4
+    assert node_flops("DynamicQuantizeMatMul", [[7, 8], [8, 9]], [[7, 9]]) == 2 * 7 * 9 * 8
+    assert node_flops("Conv", [[1, 3, 8, 8], [16, 3, 2, 2]], [[1, 16, 4, 4]]) == 2 * 16 * 16 * 3 * 4
+    assert node_flops("Softmax", [[4, 4]], [[4, 4]]) == 0

@@ -85,3 +85,21 @@ def test_unlisted_file_is_refused(copy):
     b = Bundle.open(copy)
     with pytest.raises(BundleIntegrityError):
         b.file("../../etc/passwd")
+
+
+def test_missing_int8_graph(copy):
+    (copy / "int8" / "clip_image.onnx").unlink()
+    with pytest.raises(BundleIntegrityError, match="int8/clip_image.onnx is missing"):
+        Runtime(copy)
+
+
+def test_int8_asked_of_a_bundle_without_it(copy):
+    def drop(m):
+        for c in m["components"].values():
+            c.pop("variants", None)
+        m["default_precision"] = "fp32"
+
+    _edit_manifest(copy, drop)
+    with pytest.raises(BundleVersionError, match="no int8 graphs.*item export"):
+        Runtime(copy, precision="int8")
+    assert set(Runtime(copy).precisions.values()) == {"fp32"}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from itemrt.export.parity import COS_MIN, chain_parity
+from itemrt.export.parity import FP32, INT8, chain_parity, reference_cases
 from itemrt.export.reference import reference_for_bundle
 from itemrt.images import load_image
 
@@ -25,9 +25,9 @@ def _test_images(samples):
 
 
 def test_runtime_matches_reference_chain(runtime, reference, samples):
-    report = chain_parity(runtime, reference, _test_images(samples))
+    report = chain_parity(runtime, reference_cases(reference, _test_images(samples), ["dog", "car"]))
     s = report["summary"]
-    assert s["images"] == 6
+    assert s["images"] == 12
     assert s["tokens_total"] > 0 and s["words_total"] > 0 and s["found_total"] > 0, "chain not exercised"
     for row in report["images"]:
         assert row["tokens_equal"] and row["caption_equal"]
@@ -63,10 +63,10 @@ def test_manifest_records_parity_of_every_component(tiny_bundle):
         checks = [v for v in comp["parity"].values() if isinstance(v, dict)]
         assert checks, name
         for c in checks:
-            assert c["passed"] and c["cos_min"] >= COS_MIN and c["rel"] <= 1e-4, (name, c)
+            assert c["passed"] and c["cos_min"] >= FP32.cos_min and c["rel"] <= 1e-4, (name, c)
     assert m["parity"]["chain"]["passed"]
-    assert m["parity"]["word_bank"]["clip"]["cos_min"] >= COS_MIN
-    assert m["parity"]["word_bank"]["detector"]["cos_min"] >= COS_MIN
+    assert m["parity"]["word_bank"]["clip"]["cos_min"] >= FP32.cos_min
+    assert m["parity"]["word_bank"]["detector"]["cos_min"] >= FP32.cos_min
 
 
 def test_batch_equals_single(runtime, samples):
@@ -102,11 +102,11 @@ def test_caption_without_object_words(tiny_bundle, reference, samples):
     from itemrt.words import Vocabulary
 
     nothing = Vocabulary(["zzzz"], {})
-    with Runtime(tiny_bundle) as rt:
+    with Runtime(tiny_bundle, precision="fp32") as rt:
         rt.vocabulary = nothing
         reference.vocabulary, saved = nothing, reference.vocabulary
         try:
-            report = chain_parity(rt, reference, [load_image(p) for p in samples[:2]])
+            report = chain_parity(rt, reference_cases(reference, [load_image(p) for p in samples[:2]]))
         finally:
             reference.vocabulary = saved
         r = rt.detect(samples[0])
@@ -117,8 +117,49 @@ def test_caption_without_object_words(tiny_bundle, reference, samples):
 def test_parallel_stages_give_the_same_results(tiny_bundle, runtime, samples):
     from itemrt import Runtime
 
-    with Runtime(tiny_bundle, parallel=True) as rt:
+    with Runtime(tiny_bundle, precision="fp32", parallel=True) as rt:
         par = rt.detect_batch(samples[:2])
     seq = runtime.detect_batch(samples[:2])
     for a, b in zip(par, seq):
         assert a.caption_tokens == b.caption_tokens and abs(a.p_fake - b.p_fake) < 1e-6
+
+
+def test_int8_graphs_are_gated_and_recorded(tiny_bundle):
+    m = json.loads((tiny_bundle / "manifest.json").read_text())
+    q = m["precisions"]["int8"]
+    assert q["gates"] == INT8.to_dict() and q["attempts"], "the chain gate ran"
+    variants = {n: c["variants"]["int8"] for n, c in m["components"].items() if "variants" in c}
+    assert set(variants) == {"captioner_vision", "captioner_cross_kv", "captioner_decoder",
+                             "detector_image", "clip_image", "clip_text"}
+    for name, v in variants.items():
+        assert all("cos_min" in p for p in v["parity"].values()), name
+        assert v["used"] == (name in q["used"])
+        assert (tiny_bundle / v["file"]).is_file() == v["used"], "unused INT8 files are not shipped"
+        if v["used"]:
+            assert v["passed"] and v["file"] in m["files"]
+    if q["used"]:
+        assert q["chain"]["passed"] and m["default_precision"] == "int8"
+
+
+def test_int8_runtime_keeps_the_reference_decisions(tiny_bundle, reference, samples):
+    """Independent of the export's own check: the INT8 chain on fresh inputs keeps tokens,
+    words and decisions of the PyTorch reference, and says which graphs ran in INT8."""
+    from itemrt import Runtime
+
+    m = json.loads((tiny_bundle / "manifest.json").read_text())
+    used = m["precisions"]["int8"]["used"]
+    if not used:
+        pytest.skip("no INT8 graph passed its gate for the tiny random-weight models")
+    with Runtime(tiny_bundle, precision="int8") as rt:
+        assert {n for n, p in rt.precisions.items() if p == "int8"} == set(used)
+        report = chain_parity(rt, reference_cases(reference, [load_image(p) for p in samples], ["cup", "person"]), INT8)
+    s = report["summary"]
+    assert s["tokens_equal"] and s["words_equal"] and s["decisions_equal"], s
+    assert s["embed_cos_min"] >= INT8.cos_min, s
+
+
+def test_precision_is_checked(tiny_bundle):
+    from itemrt import Runtime
+
+    with pytest.raises(ValueError, match="precision"):
+        Runtime(tiny_bundle, precision="fp8")

@@ -1,0 +1,58 @@
+"""The machine's matmul peak as ONNX Runtime reaches it: the yardstick for per-stage GFLOP/s.
+
+One large weight matmul (the shape of a ViT-L MLP layer), FP32 as exported and INT8 by the
+same dynamic quantization the bundles use, timed with the bench's thread count.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPE = (1024, 1024, 4096)  # M, K, N
+
+
+def _matmul_model(path: Path, k: int, n: int) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32) * 0.02
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "peak",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+def measure(threads: int = 0, repeats: int = 10) -> dict:
+    """GFLOP/s (INT8: GOP/s) of the best of `repeats` runs, per precision."""
+    from itemrt.backend import OrtSession, SessionOptions
+    from itemrt.export.quantize import quantize_int8
+
+    m, k, n = SHAPE
+    x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
+    flops = 2 * m * k * n
+    out = {"shape_mkn": list(SHAPE)}
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        _matmul_model(fp32, k, n)
+        int8 = Path(tmp) / "int8.onnx"
+        quantize_int8(fp32, int8)
+        for name, path in (("fp32", fp32), ("int8", int8)):
+            s = OrtSession(path, f"peak_{name}", SessionOptions(threads=threads))
+            s.run({"x": x})
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                s.run({"x": x})
+                best = min(best, time.perf_counter() - t0)
+            out[f"{name}_gflops"] = flops / best / 1e9
+    return out
