@@ -27,7 +27,7 @@ BACKENDS = {
     "reference": ("reference", "fp32"),
     "ort-fp32": ("onnxruntime", "fp32"),
     "ort-int8": ("onnxruntime", "int8"),
-    "ort-fp16": (None, "fp16"),
+    "ort-fp16": ("onnxruntime", "fp16"),
     "tensorrt": (None, "fp16"),
 }
 ISA = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
@@ -68,10 +68,8 @@ def _skip_reason(name: str, bundle_precisions: list[str]) -> str | None:
     kind, precision = BACKENDS[name]
     if name == "tensorrt":
         return "TensorRT is not installed here (the GPU path: `item build` on the target machine)"
-    if kind is None:
-        return f"this itemrt has no {precision} ONNX graphs yet (the GPU path)"
     if precision not in bundle_precisions:
-        return f"the bundle has no {precision} graphs (exported with --no-int8, or none passed its gate)"
+        return f"the bundle has no {precision} graphs (not in `item export --precisions`, or none passed its gate)"
     return None
 
 

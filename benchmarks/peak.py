@@ -1,7 +1,7 @@
 """The machine's matmul peak as ONNX Runtime reaches it: the yardstick for per-stage GFLOP/s.
 
-One large weight matmul (the shape of a ViT-L MLP layer), FP32 as exported and INT8 by the
-same dynamic quantization the bundles use, timed with the bench's thread count.
+One large weight matmul (the shape of a ViT-L MLP layer), FP32 as exported, and INT8 and
+FP16 by the same conversions the bundles use, timed with the bench's thread count.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _matmul_model(path: Path, k: int, n: int) -> None:
 def measure(threads: int = 0, repeats: int = 10) -> dict:
     """GFLOP/s (INT8: GOP/s) of the best of `repeats` runs, per precision."""
     from itemrt.backend import OrtSession, SessionOptions
-    from itemrt.export.quantize import quantize_int8
+    from itemrt.export.precision import convert
 
     m, k, n = SHAPE
     x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
@@ -44,10 +44,13 @@ def measure(threads: int = 0, repeats: int = 10) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         _matmul_model(fp32, k, n)
-        int8 = Path(tmp) / "int8.onnx"
-        quantize_int8(fp32, int8)
-        for name, path in (("fp32", fp32), ("int8", int8)):
-            s = OrtSession(path, f"peak_{name}", SessionOptions(threads=threads))
+        paths = {"fp32": fp32}
+        for name in ("int8", "fp16"):
+            paths[name] = Path(tmp) / f"{name}.onnx"
+            convert(name, fp32, paths[name])
+        for name, path in paths.items():
+            opts = SessionOptions(threads=threads, optimization=SessionOptions.optimization_for(name))
+            s = OrtSession(path, f"peak_{name}", opts)
             s.run({"x": x})
             best = float("inf")
             for _ in range(repeats):

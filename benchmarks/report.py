@@ -106,7 +106,8 @@ def table(rep: dict) -> str:
         f"settings    {s['runs']} runs after {s['warmup']} warm-up, tokens {s['tokens']}, objects {s['objects']}, "
         f"threads {s['threads'] or 'all'}, text cache {s['text_cache']}",
         f"matmul peak (ONNX Runtime, {'x'.join(map(str, rep['matmul_peak']['shape_mkn']))}): "
-        f"fp32 {rep['matmul_peak']['fp32_gflops']:.0f} GFLOP/s, int8 {rep['matmul_peak']['int8_gflops']:.0f} GOP/s",
+        f"fp32 {rep['matmul_peak']['fp32_gflops']:.0f} GFLOP/s, int8 {rep['matmul_peak']['int8_gflops']:.0f} GOP/s, "
+        f"fp16 {rep['matmul_peak']['fp16_gflops']:.0f} GFLOP/s",
     ]
     ok = _ok(rep)
     for name, b in rep["backends"].items():

@@ -19,8 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--max-objects", type=int, default=4)
     p.add_argument("--det-threshold", type=float, default=0.1)
-    p.add_argument("--no-int8", dest="int8", action="store_false",
-                   help="skip the INT8 graphs (by default they are made, gated, and used where they pass)")
+    p.add_argument("--precisions", nargs="*", choices=["int8", "fp16"], default=["int8"],
+                   help="reduced-precision variants to make and gate (default: int8; fp16 is for GPUs; "
+                        "none: give the flag alone)")
     p.add_argument("--parity-images", nargs="+", default=None, help="images for the parity checks (default: samples)")
 
 
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         max_objects=args.max_objects,
         det_threshold=args.det_threshold,
-        int8=args.int8,
+        precisions=tuple(args.precisions),
         parity_images=args.parity_images,
         command="item " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         progress=lambda msg: print(f"[export] {msg}", file=sys.stderr, flush=True),

@@ -22,9 +22,9 @@ class Gates:
 
 
 FP32 = Gates(cos_min=0.9999, rel_max=1e-4, iou_min=0.99, p_fake_max=1e-4)
-# Reduced precision keeps tokens, words and decisions; embeddings to cosine 0.999. Boxes may
-# move a little: IoU 0.9 still crops the same object.
-INT8 = Gates(cos_min=0.999, rel_max=None, iou_min=0.9, p_fake_max=None)
+# Reduced precision (INT8, FP16) keeps tokens, words and decisions; embeddings to cosine
+# 0.999. Boxes may move a little: IoU 0.9 still crops the same object.
+REDUCED = Gates(cos_min=0.999, rel_max=None, iou_min=0.9, p_fake_max=None)
 
 
 def compare(ref: np.ndarray, got: np.ndarray, gates: Gates = FP32) -> dict:

@@ -35,8 +35,8 @@ from . import graphs
 from .head import random_head, save_head
 from .models import DEFAULT_SOURCES, Models, Source, image_spec, load_models, resolve
 from .onnx_io import export_onnx
-from .parity import FP32, INT8, chain_parity, compare, compare_boxes, reference_cases
-from .quantize import INT8_PARTS, METHOD, quantize_int8
+from .parity import FP32, REDUCED, chain_parity, compare, compare_boxes, reference_cases
+from .precision import METHODS, VARIANT_PARTS, convert
 from .random_init import build_random_checkpoints, size_config
 from .reference import reference_for_bundle
 
@@ -82,7 +82,7 @@ def export_bundle(
     query_template: str = "a photo of a {}",
     word_template: str = "a photo of a {}",
     recipe_name: str = "item-v1",
-    int8: bool = True,
+    precisions: tuple[str, ...] = ("int8",),
     parity_images: list[str | Path] | None = None,
     command: str | None = None,
     progress=print,
@@ -107,7 +107,7 @@ def export_bundle(
         manifest = _write_bundle(
             tmp, models, images, head_cfg,
             seed=seed, max_new_tokens=max_new_tokens, max_objects=max_objects, det_threshold=det_threshold,
-            query_template=query_template, word_template=word_template, recipe_name=recipe_name, int8=int8,
+            query_template=query_template, word_template=word_template, recipe_name=recipe_name, precisions=tuple(precisions),
             progress=progress,
         )
         manifest.update(
@@ -127,8 +127,10 @@ def export_bundle(
         _save_manifest(tmp, manifest)
         if not chain["passed"]:
             raise ParityError(f"the runtime chain does not match the reference: {json.dumps(chain['summary'])}")
-        if int8:
-            _choose_int8(tmp, manifest, cases, progress)
+        for precision in precisions:
+            _choose(tmp, manifest, precision, cases, progress)
+        used = manifest.get("precisions", {}).get("int8", {}).get("used")
+        manifest["default_precision"] = "int8" if used else "fp32"  # FP16 is for GPUs, never the CPU default
         manifest["export_seconds"] = round(time.perf_counter() - t_start, 1)
         _save_manifest(tmp, manifest)
         if out.exists():
@@ -196,10 +198,10 @@ def _write_bundle(root: Path, m: Models, images, head_cfg: dict, *, progress, **
         progress(f"[{i}/{steps}] {name}: {entry['seconds']}s, parity " + ("ok" if not bad else f"FAILED on {bad}"))
         if bad:
             raise ParityError(f"{name}: ONNX output {bad} differs from PyTorch: {entry['parity']}")
-        if opt["int8"] and name in INT8_PARTS:
-            entry["variants"] = {"int8": _int8_variant(root, name, ins, outs, check_inputs, ref)}
-            v = entry["variants"]["int8"]
-            progress(f"[{i}/{steps}] {name}: int8 {v['seconds']}s, gate " + ("ok" if v["passed"] else "FAILED"))
+        for precision in opt["precisions"] if name in VARIANT_PARTS else ():
+            v = _variant(root, name, precision, ins, outs, check_inputs, ref)
+            entry.setdefault("variants", {})[precision] = v
+            progress(f"[{i}/{steps}] {name}: {precision} {v['seconds']}s, gate " + ("ok" if v["passed"] else "FAILED"))
         components[name] = entry
         return ref
 
@@ -320,44 +322,45 @@ def _write_bundle(root: Path, m: Models, images, head_cfg: dict, *, progress, **
     }
 
 
-def _int8_variant(root: Path, name: str, ins, outs, check_inputs, ref) -> dict:
-    """Quantize one graph and gate it against the same PyTorch outputs as its FP32 graph."""
+def _variant(root: Path, name: str, precision: str, ins, outs, check_inputs, ref) -> dict:
+    """Convert one graph and gate it against the same PyTorch outputs as its FP32 graph."""
     t0 = time.perf_counter()
-    rel = f"int8/{name}.onnx"
-    quantize_int8(root / f"{name}.onnx", root / rel)
-    got = OrtSession(root / rel, name, SessionOptions()).run({k: v.numpy() for k, v in zip(ins, check_inputs)})
+    rel = f"{precision}/{name}.onnx"
+    convert(precision, root / f"{name}.onnx", root / rel)
+    sess = OrtSession(root / rel, name, SessionOptions(optimization=SessionOptions.optimization_for(precision)))
+    got = sess.run({k: v.numpy() for k, v in zip(ins, check_inputs)})
     parity = {
-        o: (compare_boxes if o == "pred_boxes" else compare)(r.numpy(), got[o], INT8) for o, r in zip(outs, ref)
+        o: (compare_boxes if o == "pred_boxes" else compare)(r.numpy(), got[o], REDUCED) for o, r in zip(outs, ref)
     }
     return {
         "file": rel,
-        "precision": "int8",
+        "precision": precision,
         "parity": parity,
         "passed": all(p["passed"] for p in parity.values()),
-        "used": False,  # decided by the chain gate in `_choose_int8`
+        "used": False,  # decided by the chain gate in `_choose`
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
 
-def _choose_int8(root: Path, manifest: dict, cases, progress) -> None:
-    """Use the INT8 graphs whose chain keeps tokens, words, boxes and decisions.
+def _choose(root: Path, manifest: dict, precision: str, cases, progress) -> None:
+    """Use the `precision` graphs whose chain keeps tokens, words, boxes and decisions.
 
     All graphs that passed their own gate are tried together; if the chain fails, each is
     tried alone, and the set of those that pass alone is shrunk, worst graph first, until
-    the chain passes. The bundle records every attempt; unused INT8 files are deleted.
+    the chain passes. The bundle records every attempt; unused files are deleted.
     """
     comps = manifest["components"]
-    variants = {n: c["variants"]["int8"] for n, c in comps.items() if "int8" in c.get("variants", {})}
+    variants = {n: c["variants"][precision] for n, c in comps.items() if precision in c.get("variants", {})}
     attempts = []
 
     def attempt(names: list[str]) -> dict:
         for n, v in variants.items():
             v["used"] = n in names
         _save_manifest(root, manifest)
-        with Runtime(root, precision="int8", verify=False) as rt:
-            report = chain_parity(rt, cases, INT8)
+        with Runtime(root, precision=precision, verify=False) as rt:
+            report = chain_parity(rt, cases, REDUCED)
         attempts.append({"components": names, "passed": report["passed"], "summary": report["summary"]})
-        progress(f"int8 chain with {names or 'none'}: " + ("ok" if report["passed"] else "FAILED"))
+        progress(f"{precision} chain with {names or 'none'}: " + ("ok" if report["passed"] else "FAILED"))
         return report
 
     def worst_cos(n: str) -> float:
@@ -376,15 +379,12 @@ def _choose_int8(root: Path, manifest: dict, cases, progress) -> None:
         if not v["used"]:
             v["reason"] = "own gate failed" if not v["passed"] else "chain gate failed with it"
             (root / v["file"]).unlink(missing_ok=True)
-    manifest["default_precision"] = "int8" if chosen else "fp32"
-    manifest["precisions"] = {
-        "int8": {
-            "method": METHOD,
-            "gates": INT8.to_dict(),
-            "used": chosen,
-            "chain": report,
-            "attempts": attempts,
-        }
+    manifest.setdefault("precisions", {})[precision] = {
+        "method": METHODS[precision],
+        "gates": REDUCED.to_dict(),
+        "used": chosen,
+        "chain": report,
+        "attempts": attempts,
     }
 
 

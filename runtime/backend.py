@@ -23,6 +23,9 @@ _ORT_DTYPES = {
 }
 
 
+_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC"}
+
+
 @dataclass(frozen=True)
 class SessionOptions:
     """How graphs run. `threads` 0 lets ONNX Runtime use every core."""
@@ -33,6 +36,12 @@ class SessionOptions:
     spin: bool = False
     # Write ONNX Runtime's per-node profile (item-bench counts FLOPs from it); slows runs a little.
     profile_prefix: str | None = None
+    optimization: str = "all"  # "all" | "extended" | "basic"
+
+    @staticmethod
+    def optimization_for(precision: str) -> str:
+        # ORT's highest level has crashed on FP16 graphs on CPU; the extended level runs them.
+        return "extended" if precision == "fp16" else "all"
 
 
 class OrtSession:
@@ -40,7 +49,7 @@ class OrtSession:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[options.optimization])
         so.intra_op_num_threads = options.threads or (os.cpu_count() or 1)
         so.inter_op_num_threads = 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin else "0")

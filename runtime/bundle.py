@@ -35,7 +35,7 @@ REQUIRED_COMPONENTS = (
 
 # Numeric precisions a component can have. FP32 is the exported graph itself; others are
 # variants that passed their parity gate at export ("used" in the manifest).
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "fp16")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

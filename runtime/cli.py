@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--explain", type=Path, default=None,
                    help="PNG with boxes, words, distances and the verdict (a folder when several images)")
     d.add_argument("--threads", type=int, default=0)
-    d.add_argument("--precision", choices=["fp32", "int8"], default=None,
-                   help="graphs to run (default: the bundle's; int8 where its gate passed at export)")
+    d.add_argument("--precision", choices=["fp32", "int8", "fp16"], default=None,
+                   help="graphs to run (default: the bundle's; a variant only where its gate passed at export)")
     d.set_defaults(func=_detect)
 
     i = sub.add_parser("info", help="what a bundle holds and where it came from")
@@ -138,11 +138,10 @@ def _info(args) -> int:
             state = "used" if v["used"] else f"not used: {v.get('reason', '')}"
             print(f"  {'':<20} {prec}  cos {cos:.6f}  {state}")
     _print_chain("chain fp32", m["parity"]["chain"])
-    if "int8" in m.get("precisions", {}):
-        q = m["precisions"]["int8"]
-        print(f"int8       {len(q['used'])} graphs {q['used']}; gates {q['gates']}")
+    for prec, q in m.get("precisions", {}).items():
+        print(f"{prec:<10} {len(q['used'])} graphs {q['used']}; gates {q['gates']}")
         if q["chain"]:
-            _print_chain("chain int8", q["chain"])
+            _print_chain(f"chain {prec}", q["chain"])
     print(f"default    precision {b.default_precision}; available {b.precisions()}")
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +60,8 @@ class WordBank:
 class Runtime:
     """Load a bundle once; detect on paths, bytes, PIL images or HxWx3 uint8 arrays.
 
-    `precision`: "fp32" (the exported graphs, parity 1e-4) or "int8" (the variants that passed
-    their gate at export; the rest stay FP32). Default: the bundle's `default_precision`.
+    `precision`: "fp32" (the exported graphs, parity 1e-4), or "int8" / "fp16" (the variants
+    that passed their gate at export; the rest stay FP32; FP16 on CPU is for checking, slow). Default: the bundle's `default_precision`.
     `self.precisions` says what each graph really runs in. `profile_prefix` makes ONNX Runtime
     write per-node profiles (item-bench counts FLOPs from them).
 
@@ -95,8 +96,9 @@ class Runtime:
         self.sessions: dict[str, OrtSession] = {}
 
         def session(name: str) -> OrtSession:
-            path, self.precisions[name] = b.component_path(name, self.precision)
-            self.sessions[name] = OrtSession(path, name, opts)
+            path, prec = b.component_path(name, self.precision)
+            self.precisions[name] = prec
+            self.sessions[name] = OrtSession(path, name, replace(opts, optimization=opts.optimization_for(prec)))
             return self.sessions[name]
 
         def tokenizer(section: str) -> TextTokenizer:

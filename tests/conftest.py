@@ -20,7 +20,7 @@ def tiny_bundle(tmp_path_factory, cache_dir) -> Path:
     from itemrt.export.pipeline import export_bundle
 
     out = tmp_path_factory.mktemp("engines") / "tiny"
-    return export_bundle(out, random_init="tiny", seed=0, progress=lambda msg: None)
+    return export_bundle(out, random_init="tiny", seed=0, precisions=("int8", "fp16"), progress=lambda msg: None)
 
 
 @pytest.fixture(scope="session")

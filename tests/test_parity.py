@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from itemrt.export.parity import FP32, INT8, chain_parity, reference_cases
+from itemrt.export.parity import FP32, REDUCED, chain_parity, reference_cases
 from itemrt.export.reference import reference_for_bundle
 from itemrt.images import load_image
 
@@ -124,38 +124,63 @@ def test_parallel_stages_give_the_same_results(tiny_bundle, runtime, samples):
         assert a.caption_tokens == b.caption_tokens and abs(a.p_fake - b.p_fake) < 1e-6
 
 
-def test_int8_graphs_are_gated_and_recorded(tiny_bundle):
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_reduced_precision_graphs_are_gated_and_recorded(tiny_bundle, precision):
     m = json.loads((tiny_bundle / "manifest.json").read_text())
-    q = m["precisions"]["int8"]
-    assert q["gates"] == INT8.to_dict() and q["attempts"], "the chain gate ran"
-    variants = {n: c["variants"]["int8"] for n, c in m["components"].items() if "variants" in c}
+    q = m["precisions"][precision]
+    assert q["gates"] == REDUCED.to_dict() and q["attempts"], "the chain gate ran"
+    variants = {n: c["variants"][precision] for n, c in m["components"].items() if "variants" in c}
     assert set(variants) == {"captioner_vision", "captioner_cross_kv", "captioner_decoder",
                              "detector_image", "clip_image", "clip_text"}
     for name, v in variants.items():
         assert all("cos_min" in p for p in v["parity"].values()), name
         assert v["used"] == (name in q["used"])
-        assert (tiny_bundle / v["file"]).is_file() == v["used"], "unused INT8 files are not shipped"
+        assert (tiny_bundle / v["file"]).is_file() == v["used"], "unused variant files are not shipped"
         if v["used"]:
             assert v["passed"] and v["file"] in m["files"]
     if q["used"]:
-        assert q["chain"]["passed"] and m["default_precision"] == "int8"
+        assert q["chain"]["passed"]
+    assert m["default_precision"] == ("int8" if m["precisions"]["int8"]["used"] else "fp32")
 
 
-def test_int8_runtime_keeps_the_reference_decisions(tiny_bundle, reference, samples):
-    """Independent of the export's own check: the INT8 chain on fresh inputs keeps tokens,
-    words and decisions of the PyTorch reference, and says which graphs ran in INT8."""
+def test_fp16_graph_keeps_fp32_islands(tiny_bundle):
+    """The precision is in the graph: FP16 weights, LayerNorm and softmax still FP32."""
+    import onnx
+
+    from itemrt.export.precision import FP16_KEEP_FP32
+
+    m = json.loads((tiny_bundle / "manifest.json").read_text())
+    name = next(n for n, c in m["components"].items() if "fp16" in c.get("variants", {}))
+    path = tiny_bundle / m["components"][name]["variants"]["fp16"]["file"]
+    if not path.is_file():
+        pytest.skip(f"{name}'s fp16 graph did not pass its gate")
+    g = onnx.load(str(path)).graph
+    dtypes = {i.data_type for i in g.initializer if len(i.dims) == 2}
+    assert onnx.TensorProto.FLOAT16 in dtypes
+    assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in g.input if "pixel" in i.name)
+    kept = [n for n in g.node if n.op_type in FP16_KEEP_FP32]
+    assert kept, "LayerNorm / softmax present"
+    fp16_out = {n.output[0] for n in g.node if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.FLOAT16}
+    assert not any(x in fp16_out for n in kept for x in n.input), "an FP32-kept op reads FP16"
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_reduced_runtime_keeps_the_reference_decisions(tiny_bundle, reference, samples, precision):
+    """Independent of the export's own check: the chain on fresh inputs keeps tokens, words
+    and decisions of the PyTorch reference, and says which graphs ran in which precision."""
     from itemrt import Runtime
 
     m = json.loads((tiny_bundle / "manifest.json").read_text())
-    used = m["precisions"]["int8"]["used"]
+    used = m["precisions"][precision]["used"]
     if not used:
-        pytest.skip("no INT8 graph passed its gate for the tiny random-weight models")
-    with Runtime(tiny_bundle, precision="int8") as rt:
-        assert {n for n, p in rt.precisions.items() if p == "int8"} == set(used)
-        report = chain_parity(rt, reference_cases(reference, [load_image(p) for p in samples], ["cup", "person"]), INT8)
+        pytest.skip(f"no {precision} graph passed its gate for the tiny random-weight models")
+    with Runtime(tiny_bundle, precision=precision) as rt:
+        assert {n for n, p in rt.precisions.items() if p == precision} == set(used)
+        cases = reference_cases(reference, [load_image(p) for p in samples], ["cup", "person"])
+        report = chain_parity(rt, cases, REDUCED)
     s = report["summary"]
     assert s["tokens_equal"] and s["words_equal"] and s["decisions_equal"], s
-    assert s["embed_cos_min"] >= INT8.cos_min, s
+    assert s["embed_cos_min"] >= REDUCED.cos_min, s
 
 
 def test_precision_is_checked(tiny_bundle):

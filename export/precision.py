@@ -1,0 +1,80 @@
+"""Reduced-precision variants of the exported FP32 graphs: INT8 for CPUs, FP16 for GPUs.
+
+INT8 is dynamic quantization of the weight matmuls: weights int8 per output channel,
+activations uint8 per call, so no calibration data is needed. On CPUs with VNNI or AMX the
+matmuls run on the integer units (item-bench at full size on this project's Xeon: CLIP image
+4.0x, cross K/V 3.4x, CLIP text 2.5x faster than FP32; README "Speed"). Attention's
+activation-by-activation matmuls, LayerNorm and softmax stay FP32.
+
+FP16 puts the precision in the graph itself (DESIGN.md section 5): weights and activations
+FP16, with LayerNorm, softmax, reductions and the exponentials kept FP32 and the graph's
+inputs and outputs left FP32, so a strongly-typed TensorRT build keeps exactly this.
+
+Which variants a bundle uses is decided by the gates in `parity.py` (`_choose` in pipeline).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+# Graphs worth a variant: the big matmul stacks the runtime executes on every image.
+# detector_text only builds the word bank at export; the two heads are a few kFLOP.
+VARIANT_PARTS = ("captioner_vision", "captioner_cross_kv", "captioner_decoder", "detector_image", "clip_image", "clip_text")
+
+# Ops that overflow or lose too much in FP16 (the field's most common accuracy bug).
+FP16_KEEP_FP32 = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "ReduceMax", "Pow", "Sqrt", "Exp",
+                  "Log", "Erf")
+
+METHODS = {
+    "int8": {
+        "tool": "onnxruntime.quantization.quantize_dynamic",
+        "weights": "int8, symmetric, per output channel",
+        "activations": "uint8, dynamic per call",
+        "ops": ["MatMul", "Gemm"],
+        "constant_weights_only": True,
+    },
+    "fp16": {
+        "tool": "onnxruntime.transformers.float16.convert_float_to_float16",
+        "weights": "fp16",
+        "activations": "fp16",
+        "kept_fp32": list(FP16_KEEP_FP32),
+        "graph_io": "fp32",
+    },
+}
+
+
+def convert(precision: str, src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if precision == "int8":
+        _int8(src, dst)
+    elif precision == "fp16":
+        _fp16(src, dst)
+    else:
+        raise ValueError(f"no converter for {precision!r}; known: {sorted(METHODS)}")
+
+
+def _int8(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # ORT logs a "consider pre-processing" warning on every call; it is about static quantization.
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+    quantize_dynamic(
+        src,
+        dst,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        reduce_range=False,  # measured: more accurate and faster than reduce_range on AVX-512 VNNI/AMX
+        op_types_to_quantize=list(METHODS["int8"]["ops"]),
+        extra_options={"MatMulConstBOnly": True},
+    )
+
+
+def _fp16(src: Path, dst: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = convert_float_to_float16(
+        onnx.load(str(src)), keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP16_KEEP_FP32]
+    )
+    onnx.save(model, str(dst))
