@@ -1,4 +1,4 @@
-"""The `item` command: export, detect, info, demo."""
+"""The `item` command: export, detect, info, serve, watch, demo."""
 
 from __future__ import annotations
 
@@ -38,6 +38,32 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("bundle")
     i.add_argument("--json", action="store_true", help="print the whole manifest")
     i.set_defaults(func=_info)
+
+    s = sub.add_parser("serve", help="HTTP service for upload gateways (needs the [serve] extra)")
+    s.add_argument("bundle")
+    s.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1; 0.0.0.0 to listen on every interface")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--token-file", default=None,
+                   help="bearer token file (default: $ITEM_SERVE_TOKEN; neither: no auth)")
+    s.add_argument("--precision", choices=["fp32", "int8", "fp16"], default=None)
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--max-batch", type=int, default=4, help="images per batch; 1 turns micro-batching off")
+    s.add_argument("--max-wait-ms", type=float, default=10.0)
+    s.add_argument("--max-in-flight", type=int, default=32, help="images admitted at once; beyond: 429")
+    s.add_argument("--timeout-s", type=float, default=60.0)
+    s.add_argument("--max-upload-mb", type=float, default=20.0)
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(func=_serve)
+
+    w = sub.add_parser("watch", help="process every new image dropped into a folder, once")
+    w.add_argument("folder", type=Path)
+    w.add_argument("--bundle", "-b", default=os.environ.get("ITEM_BUNDLE"), help="bundle folder (or $ITEM_BUNDLE)")
+    w.add_argument("--out", type=Path, required=True, help="results, one JSON line per image (also the ledger)")
+    w.add_argument("--quarantine", type=Path, default=None, help="default: FOLDER/quarantine")
+    w.add_argument("--interval", type=float, default=1.0, help="seconds between looks")
+    w.add_argument("--once", action="store_true", help="stop when nothing new is left")
+    w.add_argument("--precision", choices=["fp32", "int8", "fp16"], default=None)
+    w.set_defaults(func=_watch)
 
     m = sub.add_parser("demo", help="export a tiny random-weight bundle (once) and detect on the sample images")
     m.add_argument("--bundle", default="engines/demo")
@@ -153,6 +179,39 @@ def _print_chain(label: str, chain: dict) -> None:
         f"words equal {ch['words_equal']}, box IoU min {ch['box_iou_min']:.4f}, embedding cos min "
         f"{ch['embed_cos_min']:.6f}, |dp| max {ch['p_fake_abs_diff_max']:.1e}, decisions equal {ch['decisions_equal']}"
     )
+
+
+def _serve(args) -> int:
+    try:
+        from .server import ServeConfig, read_token, serve
+    except ImportError as e:
+        print(f"item serve needs the serve extra: pip install 'itemrt[serve]' ({e})", file=sys.stderr)
+        return 2
+    cfg = ServeConfig(
+        bundle=args.bundle, precision=args.precision, threads=args.threads, max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms, max_in_flight=args.max_in_flight, timeout_s=args.timeout_s,
+        max_upload_bytes=int(args.max_upload_mb * 2**20), token=read_token(args.token_file),
+    )
+    serve(cfg, args.host, args.port, args.log_level)
+    return 0
+
+
+def _watch(args) -> int:
+    from .runtime import Runtime
+    from .watch import Watcher
+
+    if not args.bundle:
+        print("item watch: give --bundle or set ITEM_BUNDLE", file=sys.stderr)
+        return 2
+    with Runtime(args.bundle, precision=args.precision) as rt:
+        w = Watcher(rt, args.folder, args.out, quarantine=args.quarantine, interval_s=args.interval,
+                    progress=lambda msg: print(msg, flush=True))
+        try:
+            n = w.run(once=args.once)
+        except KeyboardInterrupt:
+            return 0
+    print(f"item watch: {n} files processed", file=sys.stderr)
+    return 0
 
 
 def _demo(args) -> int:

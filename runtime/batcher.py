@@ -1,0 +1,123 @@
+"""Micro-batching: concurrent requests coalesce into one `detect_batch` call.
+
+Callers are admitted against a bound on images in flight (decode, queue and run); past it
+they get `QueueFull` at once rather than waiting. One worker thread takes a job, keeps
+collecting until `max_batch` images or `max_wait_s`, runs the batch and answers every job.
+A job whose caller gave up (timeout) before it ran is skipped. `close()` answers everything
+already admitted before it returns.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from .errors import ItemError
+
+
+class QueueFull(ItemError):
+    code = "queue_full"
+
+
+@dataclass
+class Job:
+    images: list[Image.Image]
+    future: Future = field(default_factory=Future)
+
+
+class Batcher:
+    def __init__(self, runtime, *, max_batch: int = 4, max_wait_s: float = 0.01, max_in_flight: int = 32,
+                 on_batch=None):
+        if max_batch < 1 or max_in_flight < 1:
+            raise ValueError("max_batch and max_in_flight must be at least 1")
+        self.runtime, self.max_batch, self.max_wait_s = runtime, max_batch, max_wait_s
+        self.max_in_flight = max_in_flight
+        self.on_batch = on_batch  # called with (batch size, results) after each batch
+        self._q: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.Condition()
+        self.in_flight = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="itemrt-batcher", daemon=True)
+        self._thread.start()
+
+    @contextmanager
+    def admit(self, n: int = 1):
+        """Hold `n` of the in-flight places for the life of one request, or raise QueueFull."""
+        with self._lock:
+            if self._closed:
+                raise QueueFull("the server is shutting down")
+            if self.in_flight + n > self.max_in_flight:
+                raise QueueFull(f"{self.in_flight} images in flight (limit {self.max_in_flight})")
+            self.in_flight += n
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_flight -= n
+                self._lock.notify_all()
+
+    def submit(self, images: list[Image.Image]) -> Future:
+        job = Job(images)
+        self._q.put(job)
+        return job.future
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Refuse new requests, wait for every admitted one to be answered, then stop."""
+        with self._lock:
+            self._closed = True
+            self._lock.wait_for(lambda: self.in_flight == 0, timeout_s)
+        self._q.put(None)
+        self._thread.join()
+
+    # --- worker ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        held: Job | None = None
+        while True:
+            job = held or self._q.get()
+            held = None
+            if job is None:
+                return
+            batch, n = [job], len(job.images)
+            deadline = time.monotonic() + self.max_wait_s
+            stop = False
+            while n < self.max_batch:
+                try:
+                    nxt = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                if n + len(nxt.images) > self.max_batch:
+                    held = nxt  # first in the next batch
+                    break
+                batch.append(nxt)
+                n += len(nxt.images)
+            self._run(batch)
+            if stop:
+                self._q.put(None)  # drain what is left, then stop
+
+    def _run(self, batch: list[Job]) -> None:
+        live = [j for j in batch if j.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        images = [im for j in live for im in j.images]
+        try:
+            results = self.runtime.detect_batch(images)
+        except BaseException as e:  # answer every caller, whatever happened
+            for j in live:
+                j.future.set_exception(e)
+            return
+        if self.on_batch is not None:
+            self.on_batch(len(images), results)
+        i = 0
+        for j in live:
+            j.future.set_result(results[i : i + len(j.images)])
+            i += len(j.images)

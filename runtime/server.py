@@ -1,0 +1,288 @@
+"""`item serve`: the runtime behind HTTP (Starlette under uvicorn), for upload gateways.
+
+POST /v1/detect        one image: multipart (any file field) or a raw image body
+POST /v1/detect/batch  several images: multipart, one file field each
+GET  /healthz          the process is up          GET /readyz   bundle loaded and warmed
+GET  /metrics          Prometheus text            GET /v1/info  the bundle and the settings
+
+Requests coalesce into `detect_batch` (see batcher.py). Every error is JSON
+{"error": code, "message": ...} with a 4xx/5xx status; no input takes the server down.
+On SIGTERM uvicorn stops accepting, the admitted requests are answered, then it exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .batcher import Batcher, QueueFull
+from .errors import ImageError, ImageTooLargeError, ItemError
+from .images import DEFAULT_LIMITS, load_image
+
+STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    bundle: str
+    precision: str | None = None
+    threads: int = 0
+    max_batch: int = 4  # images per detect_batch call; 1 turns micro-batching off
+    max_wait_ms: float = 10.0  # how long the first request of a batch waits for company
+    max_in_flight: int = 32  # images admitted at once (decoding, queued, running); beyond: 429
+    timeout_s: float = 60.0  # per request, from admission to answer; beyond: 504
+    max_upload_bytes: int = 20 << 20  # per request body; beyond: 413
+    max_batch_images: int = 16  # files in one /v1/detect/batch request
+    token: str | None = None  # bearer token for everything but /healthz and /readyz
+    retry_after_s: int = 1
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.headers = status, code, headers or {}
+
+
+def _image_status(e: ImageError) -> int:
+    return 413 if isinstance(e, ImageTooLargeError) else 422
+
+
+class Metrics:
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("itemrt_requests", "HTTP requests", ["endpoint", "status"], registry=r)
+        self.errors = Counter("itemrt_errors", "Errors by kind", ["kind"], registry=r)
+        self.latency = Histogram("itemrt_request_seconds", "Request latency", ["endpoint"], registry=r,
+                                 buckets=STAGE_BUCKETS)
+        self.stages = Histogram("itemrt_stage_seconds", "Runtime stage latency per batch", ["stage"], registry=r,
+                                buckets=STAGE_BUCKETS)
+        self.batch = Histogram("itemrt_batch_size", "Images per detect_batch call", registry=r,
+                               buckets=(1, 2, 4, 8, 16, 32))
+        self.in_flight = Gauge("itemrt_in_flight_images", "Images admitted and not yet answered", registry=r)
+        self.cache_hit_rate = Gauge("itemrt_text_cache_hit_rate", "Caption text-cache hit rate", registry=r)
+        self.ready = Gauge("itemrt_ready", "1 when the bundle is loaded and warmed", registry=r)
+
+    def on_batch(self, n: int, results) -> None:
+        self.batch.observe(n)
+        for stage, ms in results[0].timings_ms.items():  # one timing per batch, shared by its results
+            self.stages.labels(stage).observe(ms / 1e3)
+
+    def text(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+def create_app(cfg: ServeConfig):
+    from contextlib import asynccontextmanager
+
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    from .runtime import Runtime
+
+    metrics = Metrics()
+    state: dict = {"ready": False}
+    limits = DEFAULT_LIMITS
+
+    @asynccontextmanager
+    async def lifespan(app):
+        rt = await run_in_threadpool(Runtime, cfg.bundle, precision=cfg.precision, threads=cfg.threads)
+        from .cli import SAMPLES
+
+        samples = sorted(SAMPLES.glob("*.jpg"))[:1]
+        if samples:  # warm: first runs allocate and plan
+            await run_in_threadpool(rt.detect, samples[0])
+        batcher = Batcher(rt, max_batch=cfg.max_batch, max_wait_s=cfg.max_wait_ms / 1e3,
+                          max_in_flight=cfg.max_in_flight, on_batch=metrics.on_batch)
+        metrics.in_flight.set_function(lambda: batcher.in_flight)
+        cache = rt.clip.cache
+        metrics.cache_hit_rate.set_function(lambda: cache.hits / max(1, cache.hits + cache.misses))
+        state.update(runtime=rt, batcher=batcher, ready=True)
+        metrics.ready.set(1)
+        try:
+            yield
+        finally:
+            state["ready"] = False
+            metrics.ready.set(0)
+            await run_in_threadpool(batcher.close, cfg.timeout_s)
+            rt.close()
+
+    def error(e: HTTPError) -> JSONResponse:
+        metrics.errors.labels(e.code).inc()
+        return JSONResponse({"error": e.code, "message": str(e)}, status_code=e.status, headers=e.headers)
+
+    def authorize(request: Request) -> None:
+        if cfg.token is None:
+            return
+        got = request.headers.get("authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {cfg.token}".encode()):
+            raise HTTPError(401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > cfg.max_upload_bytes:
+            raise HTTPError(413, "payload_too_large", f"body of {declared} bytes; limit {cfg.max_upload_bytes}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cfg.max_upload_bytes:
+                raise HTTPError(413, "payload_too_large", f"body over the limit of {cfg.max_upload_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def uploads(request: Request, many: bool) -> list[bytes]:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "multipart/form-data":
+            body = await read_body(request)
+
+            async def replay():
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            try:
+                form = await Request(request.scope, replay).form(max_files=cfg.max_batch_images, max_fields=16)
+            except Exception as e:  # starlette raises its own types for malformed multipart
+                raise HTTPError(400, "bad_multipart", f"could not parse the multipart body: {e}") from None
+            files = [v for _, v in form.multi_items() if hasattr(v, "read")]
+            blobs = [await f.read() for f in files]
+            await form.close()
+        elif ctype.startswith("image/") or ctype == "application/octet-stream":
+            if many:
+                raise HTTPError(415, "unsupported_media_type", "/v1/detect/batch takes multipart/form-data")
+            blobs = [await read_body(request)]
+        else:
+            raise HTTPError(415, "unsupported_media_type",
+                            f"content type {ctype or 'missing'}; send multipart/form-data or an image/* body")
+        if not blobs:
+            raise HTTPError(400, "no_image", "no file in the request")
+        if not many and len(blobs) != 1:
+            raise HTTPError(400, "one_image", f"{len(blobs)} files; /v1/detect takes one (see /v1/detect/batch)")
+        if len(blobs) > cfg.max_batch_images:
+            raise HTTPError(413, "too_many_images", f"{len(blobs)} images; limit {cfg.max_batch_images}")
+        return blobs
+
+    def decode(blobs: list[bytes]):
+        images = []
+        for i, b in enumerate(blobs):
+            try:
+                images.append(load_image(b, limits))
+            except ImageError as e:
+                where = f"image {i}: " if len(blobs) > 1 else ""
+                raise HTTPError(_image_status(e), e.code, f"{where}{e}") from None
+        return images
+
+    def bundle_info() -> dict:
+        rt = state["runtime"]
+        m = rt.bundle.manifest
+        return {"name": rt.bundle.name, "created": m["created"], "format_version": m["format_version"],
+                "itemrt_version": m["itemrt_version"], "precision": rt.precision}
+
+    async def detect(request: Request, many: bool):
+        endpoint = "/v1/detect/batch" if many else "/v1/detect"
+        t0 = time.perf_counter()
+        status = 500
+        try:
+            authorize(request)
+            if not state["ready"]:
+                raise HTTPError(503, "not_ready", "the bundle is not loaded yet", {"Retry-After": "1"})
+            blobs = await uploads(request, many)
+            batcher: Batcher = state["batcher"]
+            try:
+                with batcher.admit(len(blobs)):
+                    images = await run_in_threadpool(decode, blobs)
+                    fut = asyncio.wrap_future(batcher.submit(images))
+                    try:
+                        results = await asyncio.wait_for(fut, cfg.timeout_s)
+                    except asyncio.TimeoutError:
+                        raise HTTPError(504, "timeout", f"no answer within {cfg.timeout_s} s") from None
+            except QueueFull as e:
+                raise HTTPError(429, e.code, str(e), {"Retry-After": str(cfg.retry_after_s)}) from None
+            info = bundle_info()
+            body = [{**r.to_dict(), "bundle": info} for r in results]
+            status = 200
+            return JSONResponse({"results": body} if many else body[0])
+        except HTTPError as e:
+            status = e.status
+            return error(e)
+        except ItemError as e:
+            status = 500
+            return error(HTTPError(500, e.code, str(e)))
+        except Exception as e:  # the server answers, whatever broke
+            status = 500
+            return error(HTTPError(500, "internal", f"{type(e).__name__}: {e}"))
+        finally:
+            metrics.requests.labels(endpoint, str(status)).inc()
+            metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+
+    async def detect_one(request: Request):
+        return await detect(request, many=False)
+
+    async def detect_many(request: Request):
+        return await detect(request, many=True)
+
+    async def healthz(request: Request):
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request):
+        if state["ready"]:
+            return JSONResponse({"status": "ready", "bundle": bundle_info()})
+        return JSONResponse({"status": "not ready"}, status_code=503, headers={"Retry-After": "1"})
+
+    async def metrics_endpoint(request: Request):
+        try:
+            authorize(request)
+        except HTTPError as e:
+            return error(e)
+        return Response(metrics.text(), media_type="text/plain; version=0.0.4")
+
+    async def info(request: Request):
+        try:
+            authorize(request)
+            if not state["ready"]:
+                raise HTTPError(503, "not_ready", "the bundle is not loaded yet", {"Retry-After": "1"})
+        except HTTPError as e:
+            return error(e)
+        rt = state["runtime"]
+        m = rt.bundle.manifest
+        settings = {k: v for k, v in asdict(cfg).items() if k != "token"}
+        return JSONResponse({
+            "bundle": bundle_info(), "random_init": m.get("random_init"), "trained": rt.bundle.trained,
+            "sources": m.get("sources"), "precisions": rt.precisions, "threshold": rt.threshold,
+            "settings": {**settings, "auth": cfg.token is not None},
+        })
+
+    routes = [
+        Route("/v1/detect", detect_one, methods=["POST"]),
+        Route("/v1/detect/batch", detect_many, methods=["POST"]),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics_endpoint),
+        Route("/v1/info", info),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def read_token(token_file: str | None, env: str = "ITEM_SERVE_TOKEN") -> str | None:
+    """The bearer token from a file (first line) or the environment; None: no auth."""
+    if token_file:
+        token = Path(token_file).read_text().strip()
+        if not token:
+            raise ValueError(f"token file {token_file} is empty")
+        return token
+    return os.environ.get(env) or None
+
+
+def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(cfg), host=host, port=port, log_level=log_level,
+                timeout_graceful_shutdown=int(cfg.timeout_s) + 5)

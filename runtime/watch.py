@@ -1,0 +1,138 @@
+"""`item watch DIR`: for cameras that drop snapshots into a folder.
+
+Each new file is processed once and one JSON line is appended to the results file. The
+results file is the ledger: on start it is read back, so a restart neither skips nor
+repeats a file (a file is known by name, size and modification time). A line is written
+with one `write` on an O_APPEND descriptor and fsynced; a torn last line from a crash is
+cut off on start, and that file is processed again. Unreadable files move to a
+quarantine folder with a `.reason` file beside them, and the ledger records them.
+Files still being written (size or mtime changed since the last look), hidden files and
+`*.part` / `*.tmp` files wait.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ImageError
+
+SKIP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
+
+
+def file_key(path: Path) -> str:
+    st = path.stat()
+    return f"{path.name}|{st.st_size}|{st.st_mtime_ns}"
+
+
+@dataclass
+class Ledger:
+    path: Path
+
+    def load(self) -> set[str]:
+        """Keys already answered; a torn last line (crash mid-write) is cut off."""
+        if not self.path.exists():
+            return set()
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            with open(self.path, "r+b") as f:
+                f.truncate(cut)
+            data = data[:cut]
+        keys = set()
+        for line in data.splitlines():
+            try:
+                keys.add(json.loads(line)["key"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a foreign line: keep it, it names no file
+        return keys
+
+    def append(self, record: dict) -> None:
+        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class Watcher:
+    def __init__(self, runtime, folder: str | Path, out: str | Path, *, quarantine: str | Path | None = None,
+                 interval_s: float = 1.0, progress=print):
+        self.rt, self.folder = runtime, Path(folder)
+        if not self.folder.is_dir():
+            raise NotADirectoryError(f"{self.folder} is not a folder")
+        self.ledger = Ledger(Path(out))
+        self.quarantine = Path(quarantine) if quarantine else self.folder / "quarantine"
+        self.interval_s, self.progress = interval_s, progress
+        self.done = self.ledger.load()
+        self._seen: dict[str, tuple[int, int]] = {}  # name -> (size, mtime) at the last look
+
+    def _ready(self) -> list[Path]:
+        """New files that did not change since the last look, oldest first."""
+        out = []
+        for p in self.folder.iterdir():
+            if not p.is_file() or p.name.startswith(".") or p.suffix.lower() in SKIP_SUFFIXES:
+                continue
+            try:
+                st = p.stat()
+                key = file_key(p)
+            except FileNotFoundError:
+                continue
+            if key in self.done:
+                continue
+            sig = (st.st_size, st.st_mtime_ns)
+            if self._seen.get(p.name) == sig:
+                out.append((st.st_mtime_ns, p))
+            self._seen[p.name] = sig
+        return [p for _, p in sorted(out)]
+
+    def process(self, path: Path) -> dict:
+        key = file_key(path)
+        t = time.time()
+        try:
+            r = self.rt.detect(path)
+            record = {"key": key, "path": str(path), "time": t, **r.to_dict()}
+        except ImageError as e:
+            self.quarantine.mkdir(parents=True, exist_ok=True)
+            target = self.quarantine / path.name
+            shutil.move(str(path), target)
+            target.with_name(target.name + ".reason").write_text(f"{e.code}: {e}\n")
+            record = {"key": key, "path": str(path), "time": t, "error": e.code, "message": str(e),
+                      "quarantined": str(target)}
+        self.ledger.append(record)
+        self.done.add(key)
+        return record
+
+    def scan(self) -> int:
+        """One look at the folder; files must look the same twice, so call it at an interval."""
+        n = 0
+        for p in self._ready():
+            rec = self.process(p)
+            n += 1
+            state = rec.get("error") or f"{rec['label']} p(fake)={rec['p_fake']:.4f}"
+            self.progress(f"{p.name}: {state}")
+        return n
+
+    def run(self, once: bool = False) -> int:
+        """Watch until interrupted; `once`: until nothing new is left (two quiet looks)."""
+        total = quiet = 0
+        while True:
+            n = self.scan()
+            total += n
+            quiet = quiet + 1 if n == 0 else 0
+            if once and quiet >= 2 and not self._pending():
+                return total
+            time.sleep(self.interval_s)
+
+    def _pending(self) -> bool:
+        return any(
+            p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in SKIP_SUFFIXES
+            and file_key(p) not in self.done
+            for p in self.folder.iterdir()
+        )
