@@ -1,0 +1,199 @@
+"""`item serve` as users run it: a real uvicorn server on loopback, real HTTP requests."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import threading
+import uuid
+
+import pytest
+from itemrt.bench.load import free_port, request, start_server
+from PIL import Image
+from test_images import _encode, _photo, _png_claiming
+
+# uvicorn shuts down gracefully on SIGTERM, then re-raises the signal so a parent sees it.
+TERMINATED = (0, -signal.SIGTERM)
+
+
+def _multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, dict]:
+    boundary = uuid.uuid4().hex
+    out = io.BytesIO()
+    for i, (name, data) in enumerate(files):
+        out.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"f{i}.jpg\"\r\n"
+                  f"Content-Type: image/jpeg\r\n\r\n".encode())
+        out.write(data + b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue(), {"content-type": f"multipart/form-data; boundary={boundary}"}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle):
+    port = free_port()
+    proc = start_server(str(tiny_bundle), port, "--max-upload-mb", "1")
+    yield port
+    proc.terminate()
+    assert proc.wait(timeout=60) in TERMINATED
+
+
+def _post(port, data, ctype="image/jpeg", path="/v1/detect", headers=None):
+    status, body = request(port, "POST", path, data, {"content-type": ctype, **(headers or {})})
+    return status, json.loads(body)
+
+
+def test_happy_path(server, samples):
+    jpg = samples[0].read_bytes()
+    status, r = _post(server, jpg)
+    assert status == 200 and 0 <= r["p_fake"] <= 1 and r["label"] in ("real", "fake")
+    assert r["bundle"]["name"] == "tiny" and r["bundle"]["format_version"] == 1
+    assert r["caption"] and "total" in r["timings_ms"] and isinstance(r["objects"], list)
+    body, h = _multipart([("image", jpg)])
+    status, r2 = _post(server, body, h["content-type"])
+    assert status == 200 and r2["caption_tokens"] == r["caption_tokens"]
+    body, h = _multipart([("images", p.read_bytes()) for p in samples[:3]])
+    status, rb = _post(server, body, h["content-type"], "/v1/detect/batch")
+    assert status == 200 and len(rb["results"]) == 3
+    assert rb["results"][0]["caption_tokens"] == r["caption_tokens"]
+    assert request(server, "GET", "/healthz")[0] == 200
+    status, ready = request(server, "GET", "/readyz")
+    assert status == 200 and json.loads(ready)["status"] == "ready"
+    status, info = request(server, "GET", "/v1/info")
+    info = json.loads(info)
+    assert status == 200 and info["random_init"] == "tiny" and info["settings"]["auth"] is False
+    status, metrics = request(server, "GET", "/metrics")
+    text = metrics.decode()
+    assert status == 200
+    assert 'itemrt_requests_total{endpoint="/v1/detect",status="200"}' in text
+    assert "itemrt_stage_seconds_bucket" in text and 'stage="clip_image"' in text
+    assert "itemrt_batch_size_count" in text and "itemrt_in_flight_images" in text
+    assert "itemrt_text_cache_hit_rate" in text
+
+
+def _cmyk() -> bytes:
+    return _encode(_photo().convert("CMYK"), "JPEG")
+
+
+def _png16() -> bytes:
+    return _encode(Image.new("I;16", (40, 30), 40000), "PNG")
+
+
+@pytest.mark.parametrize(
+    "data, ctype, status, code",
+    [
+        (b"x" * (2 << 20), "image/jpeg", 413, "payload_too_large"),
+        (b"hello", "text/plain", 415, "unsupported_media_type"),
+        (b"hello", "", 415, "unsupported_media_type"),
+        (b"this is not an image", "image/jpeg", 422, "unsupported_image"),
+        (b"", "image/jpeg", 422, "corrupt_image"),
+        (_encode(_photo(), "JPEG")[:300], "image/jpeg", 422, "corrupt_image"),
+        (_png_claiming(100_000, 100_000), "image/png", 413, "image_too_large"),
+        (b"--nope\r\ngarbage", "multipart/form-data; boundary=nope", 400, None),
+        (_cmyk(), "image/jpeg", 200, None),
+        (_png16(), "application/octet-stream", 200, None),
+    ],
+)
+def test_bad_input_gets_a_typed_error(server, data, ctype, status, code):
+    got, body = _post(server, data, ctype)
+    assert got == status, body
+    if status != 200:
+        assert body["message"] and (code is None or body["error"] == code)
+    assert request(server, "GET", "/healthz")[0] == 200  # and the server lives on
+
+
+def test_batch_names_the_bad_image(server, samples):
+    body, h = _multipart([("images", samples[0].read_bytes()), ("images", b"not an image")])
+    status, r = _post(server, body, h["content-type"], "/v1/detect/batch")
+    assert status == 422 and r["message"].startswith("image 1:")
+
+
+def test_bearer_token(tiny_bundle, samples, monkeypatch):
+    monkeypatch.setenv("ITEM_SERVE_TOKEN", "s3cret")
+    port = free_port()
+    proc = start_server(str(tiny_bundle), port)
+    try:
+        jpg = samples[0].read_bytes()
+        assert _post(port, jpg)[0] == 401
+        assert _post(port, jpg, headers={"authorization": "Bearer wrong"})[0] == 401
+        assert _post(port, jpg, headers={"authorization": "Bearer s3cret"})[0] == 200
+        assert request(port, "GET", "/metrics")[0] == 401
+        assert request(port, "GET", "/healthz")[0] == 200 and request(port, "GET", "/readyz")[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def _burst(port, payload, n) -> list:
+    """n requests released at the same instant; returns (status, headers or error) per request."""
+    import http.client
+
+    barrier, out, lock = threading.Barrier(n), [], threading.Lock()
+
+    def one():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        try:
+            barrier.wait()
+            conn.request("POST", "/v1/detect", body=payload, headers={"content-type": "image/jpeg"})
+            r = conn.getresponse()
+            r.read()
+            res = (r.status, dict(r.getheaders()))
+        except OSError as e:
+            res = (type(e).__name__, None)
+        finally:
+            conn.close()
+        with lock:
+            out.append(res)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_full_queue_answers_429_with_retry_after(tiny_bundle, samples):
+    port = free_port()
+    proc = start_server(str(tiny_bundle), port, "--max-in-flight", "1", "--max-batch", "1")
+    try:
+        results = _burst(port, samples[0].read_bytes(), 16)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    statuses = [s for s, _ in results]
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(429) >= 1 and statuses.count(200) >= 1
+    assert all(h["retry-after"] == "1" for s, h in results if s == 429)
+
+
+def test_sigterm_under_load_loses_no_accepted_request(tiny_bundle, samples):
+    port = free_port()
+    proc = start_server(str(tiny_bundle), port, "--max-in-flight", "256")
+    jpg = samples[1].read_bytes()
+    results, lock = [], threading.Lock()
+
+    def client():
+        for _ in range(6):
+            try:
+                status, _ = request(port, "POST", "/v1/detect", jpg, {"content-type": "image/jpeg"})
+            except ConnectionRefusedError:
+                status = "refused"  # after shutdown began: never accepted
+            except OSError as e:
+                status = f"lost: {type(e).__name__}"
+            with lock:
+                results.append(status)
+
+    threads = [threading.Thread(target=client) for _ in range(12)]
+    for t in threads:
+        t.start()
+    while True:  # wait until work is really in flight
+        with lock:
+            if len(results) >= 6:
+                break
+    os.kill(proc.pid, signal.SIGTERM)
+    for t in threads:
+        t.join()
+    assert proc.wait(timeout=120) in TERMINATED
+    assert all(s in (200, "refused") for s in results), results
+    assert results.count(200) >= 6 and len(results) == 72
