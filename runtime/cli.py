@@ -183,7 +183,9 @@ def _print_chain(label: str, chain: dict) -> None:
 
 def _serve(args) -> int:
     try:
-        from .server import ServeConfig, read_token, serve
+        from .server import ServeConfig, read_token, require, serve
+
+        require()
     except ImportError as e:
         print(f"item serve needs the serve extra: pip install 'itemrt[serve]' ({e})", file=sys.stderr)
         return 2

@@ -149,7 +149,8 @@ def create_app(cfg: ServeConfig):
                 return {"type": "http.request", "body": body, "more_body": False}
 
             try:
-                form = await Request(request.scope, replay).form(max_files=cfg.max_batch_images, max_fields=16)
+                form = await Request(request.scope, replay).form(max_files=cfg.max_batch_images + 1,
+                                                                 max_fields=16)
             except Exception as e:  # starlette raises its own types for malformed multipart
                 raise HTTPError(400, "bad_multipart", f"could not parse the multipart body: {e}") from None
             files = [v for _, v in form.multi_items() if hasattr(v, "read")]
@@ -269,6 +270,15 @@ def create_app(cfg: ServeConfig):
         Route("/v1/info", info),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+def require() -> None:
+    """ImportError naming what the `serve` extra would have installed."""
+    import importlib.util
+
+    missing = [m for m in ("starlette", "uvicorn", "multipart", "prometheus_client") if not importlib.util.find_spec(m)]
+    if missing:
+        raise ImportError(f"missing {', '.join(missing)}")
 
 
 def read_token(token_file: str | None, env: str = "ITEM_SERVE_TOKEN") -> str | None:

@@ -197,3 +197,9 @@ def test_sigterm_under_load_loses_no_accepted_request(tiny_bundle, samples):
     assert proc.wait(timeout=120) in TERMINATED
     assert all(s in (200, "refused") for s in results), results
     assert results.count(200) >= 6 and len(results) == 72
+
+
+def test_too_many_images_in_a_batch(server):
+    body, h = _multipart([("images", b"x")] * 17)
+    status, r = _post(server, body, h["content-type"], "/v1/detect/batch")
+    assert status == 413 and r["error"] == "too_many_images"
