@@ -32,7 +32,7 @@ def _matmul_model(path: Path, k: int, n: int) -> None:
     onnx.save(model, path)
 
 
-def measure(threads: int = 0, repeats: int = 10) -> dict:
+def measure(threads: int = 0, repeats: int = 20) -> dict:
     """GFLOP/s (INT8: GOP/s) of the best of `repeats` runs, per precision."""
     from itemrt.backend import OrtSession, SessionOptions
     from itemrt.export.precision import convert
