@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .worker import run_concurrently
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -63,7 +65,7 @@ def run_level(port: int, images: list[bytes], concurrency: int, requests: int) -
     latencies, statuses, lock = [], Counter(), threading.Lock()
     counter = iter(range(requests))
 
-    def worker():
+    def worker(_: int):
         while True:
             with lock:
                 i = next(counter, None)
@@ -80,13 +82,7 @@ def run_level(port: int, images: list[bytes], concurrency: int, requests: int) -
                 if status == 200:
                     latencies.append(dt)
 
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_concurrently(worker, concurrency)
     lat = np.asarray(latencies) * 1e3 if latencies else np.zeros(1)
     return {"concurrency": concurrency, "requests": requests, "ok": statuses.get("200", 0),
             "errors": {k: v for k, v in statuses.items() if k != "200"},

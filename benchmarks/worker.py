@@ -98,16 +98,21 @@ def _throughput(rt, images, args) -> dict:
             for j in range(per_caller):
                 rt.detect(images[(k + j) % len(images)], max_new_tokens=args.tokens, words=words)
 
-        threads = [threading.Thread(target=caller, args=(k,)) for k in range(c)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+        wall = run_concurrently(caller, c)
         out["callers"][str(c)] = {"images_per_s": c * per_caller / wall, "requests": c * per_caller}
         _log(f"{c} concurrent callers: {c * per_caller / wall:.2f} images/s")
     return out
+
+
+def run_concurrently(fn, n: int) -> float:
+    """fn(0) .. fn(n-1) on n threads at once; wall seconds until all have returned."""
+    threads = [threading.Thread(target=fn, args=(k,)) for k in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
 
 
 # Matmul-like ops and their FLOPs from ONNX Runtime's recorded shapes: 2 * output elements * K.

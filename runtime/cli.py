@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from .bundle import PRECISIONS
 from .errors import ImageError, ItemError
 
 SAMPLES = Path(__file__).with_name("samples")
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--explain", type=Path, default=None,
                    help="PNG with boxes, words, distances and the verdict (a folder when several images)")
     d.add_argument("--threads", type=int, default=0)
-    d.add_argument("--precision", choices=["fp32", "int8", "fp16"], default=None,
+    d.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="graphs to run (default: the bundle's; a variant only where its gate passed at export)")
     d.set_defaults(func=_detect)
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--token-file", default=None,
                    help="bearer token file (default: $ITEM_SERVE_TOKEN; neither: no auth)")
-    s.add_argument("--precision", choices=["fp32", "int8", "fp16"], default=None)
+    s.add_argument("--precision", choices=PRECISIONS, default=None)
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--max-batch", type=int, default=4, help="images per batch; 1 turns micro-batching off")
     s.add_argument("--max-wait-ms", type=float, default=10.0)
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--quarantine", type=Path, default=None, help="default: FOLDER/quarantine")
     w.add_argument("--interval", type=float, default=1.0, help="seconds between looks")
     w.add_argument("--once", action="store_true", help="stop when nothing new is left")
-    w.add_argument("--precision", choices=["fp32", "int8", "fp16"], default=None)
+    w.add_argument("--precision", choices=PRECISIONS, default=None)
     w.set_defaults(func=_watch)
 
     m = sub.add_parser("demo", help="export a tiny random-weight bundle (once) and detect on the sample images")

@@ -24,8 +24,8 @@ from .errors import ImageError
 SKIP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
 
 
-def file_key(path: Path) -> str:
-    st = path.stat()
+def file_key(path: Path, st: os.stat_result | None = None) -> str:
+    st = st or path.stat()
     return f"{path.name}|{st.st_size}|{st.st_mtime_ns}"
 
 
@@ -73,19 +73,22 @@ class Watcher:
         self.done = self.ledger.load()
         self._seen: dict[str, tuple[int, int]] = {}  # name -> (size, mtime) at the last look
 
-    def _ready(self) -> list[Path]:
-        """New files that did not change since the last look, oldest first."""
-        out = []
+    def _new(self):
+        """(path, stat) of every file in the folder not yet in the ledger."""
         for p in self.folder.iterdir():
             if not p.is_file() or p.name.startswith(".") or p.suffix.lower() in SKIP_SUFFIXES:
                 continue
             try:
                 st = p.stat()
-                key = file_key(p)
             except FileNotFoundError:
                 continue
-            if key in self.done:
-                continue
+            if file_key(p, st) not in self.done:
+                yield p, st
+
+    def _ready(self) -> list[Path]:
+        """New files that did not change since the last look, oldest first."""
+        out = []
+        for p, st in self._new():
             sig = (st.st_size, st.st_mtime_ns)
             if self._seen.get(p.name) == sig:
                 out.append((st.st_mtime_ns, p))
@@ -131,8 +134,4 @@ class Watcher:
             time.sleep(self.interval_s)
 
     def _pending(self) -> bool:
-        return any(
-            p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in SKIP_SUFFIXES
-            and file_key(p) not in self.done
-            for p in self.folder.iterdir()
-        )
+        return any(True for _ in self._new())
