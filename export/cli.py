@@ -1,4 +1,5 @@
-"""`item export`: arguments -> export_bundle (reached through the `item` command)."""
+"""`item export`, `item train`, `item calibrate`, `item eval`: arguments -> the export-side
+functions (reached through the `item` command; torch is imported only when one runs)."""
 
 from __future__ import annotations
 
@@ -25,12 +26,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parity-images", nargs="+", default=None, help="images for the parity checks (default: samples)")
 
 
+def _need_extra(cmd: str, e: ImportError) -> int:
+    # The lean runtime install has no torch / matplotlib.
+    print(f"item {cmd} needs the export extra: pip install 'itemrt[export]' ({e})", file=sys.stderr)
+    return 2
+
+
+def _command() -> str:
+    return "item " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _log(prefix: str):
+    return lambda msg: print(msg if msg.startswith(prefix) else f"[{prefix}] {msg}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         from .pipeline import export_bundle
-    except ImportError as e:  # the lean runtime install has no torch
-        print(f"item export needs the export extra: pip install 'itemrt[export]' ({e})", file=sys.stderr)
-        return 2
+    except ImportError as e:
+        return _need_extra("export", e)
 
     sources = {k: getattr(args, k) for k in DEFAULT_SOURCES if getattr(args, k)}
     if args.random_init and sources:
@@ -45,7 +59,73 @@ def run(args: argparse.Namespace) -> int:
         det_threshold=args.det_threshold,
         precisions=tuple(args.precisions),
         parity_images=args.parity_images,
-        command="item " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        command=_command(),
         progress=lambda msg: print(f"[export] {msg}", file=sys.stderr, flush=True),
     )
+    return 0
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from itemrt.recipe import RECIPES
+
+    p.add_argument("features", help="feature store made by `item features` with this bundle")
+    p.add_argument("--bundle", "-b", required=True, help="bundle to install the trained head into")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="item-v1",
+                   help="item-v1: global and local by concatenation; -sum: by sum; -global / -local: ablations")
+    p.add_argument("--hidden", type=int, nargs="*", default=[512, 128], help="hidden widths (none: logistic regression)")
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-2)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-epochs", type=int, default=200)
+    p.add_argument("--patience", type=int, default=20, help="epochs without a better validation AP before stopping")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target-fpr", type=float, default=None,
+                   help="pick the threshold for this false positive rate on validation reals (default: 0.5)")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    try:
+        from .train import TrainConfig, train
+    except ImportError as e:
+        return _need_extra("train", e)
+    cfg = TrainConfig(recipe=args.recipe, hidden=list(args.hidden), dropout=args.dropout, lr=args.lr,
+                      weight_decay=args.weight_decay, batch_size=args.batch_size, max_epochs=args.max_epochs,
+                      patience=args.patience, seed=args.seed, target_fpr=args.target_fpr)
+    train(args.features, args.bundle, cfg, command=_command(), progress=_log("train"))
+    return 0
+
+
+def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("features", help="feature store made by `item features` with this bundle (its val split is used)")
+    p.add_argument("--bundle", "-b", required=True)
+    p.add_argument("--target-fpr", type=float, required=True, help="false positive rate on real images, e.g. 0.01")
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    try:
+        from .train import calibrate
+    except ImportError as e:
+        return _need_extra("calibrate", e)
+    calibrate(args.features, args.bundle, args.target_fpr, progress=_log("calibrate"))
+    return 0
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("features", help="feature store made by `item features` with this bundle")
+    p.add_argument("--bundle", "-b", required=True)
+    p.add_argument("--out", required=True, help="folder for eval.md, eval.json, roc.png, pr.png")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--robustness", nargs="*", default=[], metavar="SPEC",
+                   help="re-run the chain on perturbed images: jpeg=QUALITY, blur=SIGMA, scale=FACTOR")
+    p.add_argument("--batch-size", type=int, default=1)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    try:
+        from .evaluate import evaluate
+    except ImportError as e:
+        return _need_extra("eval", e)
+    evaluate(args.features, args.bundle, args.out, split=args.split, robustness=args.robustness,
+             batch_size=args.batch_size, progress=_log("eval"))
     return 0

@@ -18,10 +18,14 @@ class MLPHead(nn.Module):
             width = h
         layers.append(nn.Linear(width, 1))
         self.net = nn.Sequential(*layers)
+        # Feature standardization, fitted on the training split and part of the exported graph:
+        # the recipe's columns differ in scale by orders of magnitude (diffs vs cosines).
+        self.register_buffer("mean", torch.zeros(input_dim))
+        self.register_buffer("std", torch.ones(input_dim))
         self.spec = {"input_dim": input_dim, "hidden": list(hidden), "dropout": dropout}
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net(features).squeeze(-1)
+        return self.net((features - self.mean) / self.std).squeeze(-1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, F) -> p(fake) (B,)"""
@@ -45,5 +49,7 @@ def load_head(path: Path, spec: dict) -> MLPHead:
     from safetensors.torch import load_file
 
     head = MLPHead(spec["input_dim"], spec["hidden"], spec["dropout"])
-    head.load_state_dict(load_file(str(path)))
+    missing, unexpected = head.load_state_dict(load_file(str(path)), strict=False)
+    if unexpected or set(missing) - {"mean", "std"}:  # bundles from before standardization lack only those
+        raise ValueError(f"{path} does not hold this head: missing {missing}, unexpected {unexpected}")
     return head.eval()

@@ -22,7 +22,7 @@ import torch
 
 import itemrt
 from itemrt.backend import OrtSession, SessionOptions
-from itemrt.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from itemrt.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file, write_manifest
 from itemrt.errors import ItemError
 from itemrt.images import load_image
 from itemrt.preprocess import preprocess
@@ -148,7 +148,7 @@ def _save_manifest(root: Path, manifest: dict) -> None:
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
-    (root / MANIFEST).write_text(json.dumps({**manifest, "files": files}, indent=1) + "\n")
+    write_manifest(root, {**manifest, "files": files})
 
 
 def _versions() -> dict:

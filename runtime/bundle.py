@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from .errors import BundleIntegrityError, BundleNotFoundError, BundleVersionErro
 FORMAT = "itemrt-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+TRAINING_DIR = "training"  # the training report of a trained head
 
 # Graphs every bundle must hold, by the name the runtime asks for.
 REQUIRED_COMPONENTS = (
@@ -124,6 +126,25 @@ class Bundle:
         have = {p for c in self.manifest["components"].values() for p, v in c.get("variants", {}).items() if v.get("used")}
         return [p for p in PRECISIONS if p == "fp32" or p in have]
 
+    def head_files(self) -> set[str]:
+        """Files that `item train` replaces: the head graph, its weights, the training report."""
+        m = self.manifest
+        owned = {m["components"]["head"]["file"], m["head"]["weights"]}
+        return owned | {f for f in m["files"] if f.startswith(TRAINING_DIR + "/")}
+
+    @property
+    def feature_fingerprint(self) -> str:
+        """Identifies everything that shapes the head's input (all files but the head's own):
+        features extracted with one bundle are stale for a bundle with another fingerprint."""
+        h = hashlib.sha256()
+        skip = self.head_files()
+        for rel, digest in sorted(self.manifest["files"].items()):
+            if rel not in skip:
+                h.update(f"{rel}\0{digest}\n".encode())
+        for key in ("captioner", "detector", "clip", "words"):
+            h.update(json.dumps(self.manifest[key], sort_keys=True).encode())
+        return h.hexdigest()[:16]
+
     @property
     def default_precision(self) -> str:
         return self.manifest.get("default_precision", "fp32")
@@ -135,6 +156,16 @@ class Bundle:
     @property
     def trained(self) -> bool:
         return bool(self.manifest["head"]["trained"])
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    """Replace manifest.json atomically: a crash leaves the old bundle or the new, never half."""
+    tmp = root / f".{MANIFEST}.tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(manifest, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / MANIFEST)
 
 
 def _redo(manifest: dict | None, root: Path) -> str:

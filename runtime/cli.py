@@ -1,4 +1,4 @@
-"""The `item` command: export, detect, info, serve, watch, demo."""
+"""The `item` command: export, detect, info, serve, watch, features, train, calibrate, eval, demo."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .bundle import PRECISIONS
+from .dataset import DEFAULT_RATIOS
 from .errors import ImageError, ItemError
 
 SAMPLES = Path(__file__).with_name("samples")
@@ -18,11 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="item", description="ITEM-RT: fake-image detection by image-text misalignment")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    from itemrt.export.cli import add_arguments, run as run_export  # torch is imported only when run
+    from itemrt.export import cli as export_cli  # torch is imported only when one of these runs
 
     e = sub.add_parser("export", help="export frozen models to a bundle (needs the [export] extra)")
-    add_arguments(e)
-    e.set_defaults(func=run_export)
+    export_cli.add_arguments(e)
+    e.set_defaults(func=export_cli.run)
 
     d = sub.add_parser("detect", help="p(fake), caption and object words for images")
     d.add_argument("paths", nargs="+", type=Path)
@@ -65,6 +66,33 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--once", action="store_true", help="stop when nothing new is left")
     w.add_argument("--precision", choices=PRECISIONS, default=None)
     w.set_defaults(func=_watch)
+
+    f = sub.add_parser("features", help="run the chain over a labelled dataset and store what the head learns from",
+                       description="Datasets: a folder tree (real/ and fake/ folders, optional generator and "
+                                   "train/val/test folders) or a CSV / JSONL manifest with path,label[,generator][,split]. "
+                                   "Resumable: a rerun skips finished images and those listed in bad.jsonl.")
+    f.add_argument("dataset", type=Path)
+    f.add_argument("--bundle", "-b", default=os.environ.get("ITEM_BUNDLE"), help="bundle folder (or $ITEM_BUNDLE)")
+    f.add_argument("--out", type=Path, required=True, help="feature store folder (created, or resumed)")
+    f.add_argument("--precision", choices=PRECISIONS, default=None)
+    f.add_argument("--threads", type=int, default=0)
+    f.add_argument("--batch-size", type=int, default=1)
+    f.add_argument("--split-ratios", type=float, nargs=3, default=list(DEFAULT_RATIOS), metavar=("TRAIN", "VAL", "TEST"),
+                   help="for images without a split: assigned by a hash of the path (stable across runs)")
+    f.add_argument("--perturb", default="", metavar="SPEC", help="jpeg=Q, blur=SIGMA or scale=F applied before the chain")
+    f.set_defaults(func=_features)
+
+    t = sub.add_parser("train", help="train the MLP head on stored features and install it (needs [export])")
+    export_cli.add_train_arguments(t)
+    t.set_defaults(func=export_cli.run_train)
+
+    c = sub.add_parser("calibrate", help="re-pick the head's threshold for a target FPR on validation reals")
+    export_cli.add_calibrate_arguments(c)
+    c.set_defaults(func=export_cli.run_calibrate)
+
+    v = sub.add_parser("eval", help="accuracy, AP, AUC per generator; ROC/PR curves; robustness sweeps (needs [export])")
+    export_cli.add_eval_arguments(v)
+    v.set_defaults(func=export_cli.run_eval)
 
     m = sub.add_parser("demo", help="export a tiny random-weight bundle (once) and detect on the sample images")
     m.add_argument("--bundle", default="engines/demo")
@@ -115,6 +143,32 @@ def _detect(args) -> int:
     return 1 if failures else 0
 
 
+def _features(args) -> int:
+    from .dataset import load_dataset
+    from .features import extract
+    from .perturb import parse
+    from .runtime import Runtime
+
+    if not args.bundle:
+        print("item features: give --bundle or set ITEM_BUNDLE", file=sys.stderr)
+        return 2
+    if args.perturb:
+        parse(args.perturb)
+    samples = load_dataset(args.dataset, tuple(args.split_ratios))
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    with Runtime(args.bundle, threads=args.threads, precision=args.precision) as rt:
+        try:
+            s = extract(rt, samples, args.out, perturbation=args.perturb, batch_size=args.batch_size,
+                        dataset=str(args.dataset.resolve()), progress=log)
+        except KeyboardInterrupt:
+            log(f"item features: interrupted; finished images are kept in {args.out}, rerun to resume")
+            return 130
+    bad = f" (listed in {args.out / 'bad.jsonl'})" if s.bad else ""
+    log(f"item features: {s.extracted} images extracted, {s.skipped} already done, {s.bad} unreadable{bad}; "
+        f"store {args.out}")
+    return 0
+
+
 def _print_result(path: Path, r) -> None:
     note = "" if r.trained else "  [untrained head: p(fake) is meaningless]"
     print(f"{path}: {r.label.upper()} p(fake)={r.p_fake:.4f} threshold={r.threshold:.2f}{note}")
@@ -148,8 +202,15 @@ def _info(args) -> int:
     v = m["versions"]
     print("versions   " + ", ".join(f"{k} {v[k]}" for k in v))
     h = m["head"]
-    state = "trained" if h["trained"] else "UNTRAINED (seeded random placeholder)"
-    print(f"head       {state}; recipe {h['recipe']}, {h['input_dim']} -> {h['hidden']} -> 1, threshold {h['threshold']}")
+    state = f"trained {h['trained_at']}" if h["trained"] else "UNTRAINED (seeded random placeholder)"
+    print(f"head       {state}; recipe {h['recipe']}, {h['input_dim']} -> {h['hidden']} -> 1, threshold {h['threshold']:.6g}")
+    cal = h.get("calibration")
+    if cal:
+        res = "" if cal["resolved"] else " (too few reals to resolve it)"
+        print(f"threshold  calibrated for FPR {cal['target_fpr']} on {cal['n_real']} validation reals: "
+              f"FPR {cal['val_fpr']:.4f}, TPR {cal['val_tpr']:.4f}{res}")
+    if h.get("report"):
+        print(f"training   report {h['report']} (features {h['features']['path']}, {h['features']['precision']})")
     d = m["captioner"]["decoding"]
     print(f"decoding   greedy, up to {d['max_new_tokens']} tokens; objects: up to {m['words']['max_objects']} words, "
           f"detector threshold {m['detector']['threshold']}")

@@ -72,3 +72,18 @@ class WeightsNotFoundError(ItemError, FileNotFoundError):
     """A model folder or Hugging Face cache entry is missing (nothing is ever downloaded)."""
 
     code = "weights_not_found"
+
+
+# --- datasets, features, training ----------------------------------------------------------
+
+
+class DatasetError(ItemError):
+    """A dataset folder or manifest cannot be read as labelled images."""
+
+    code = "bad_dataset"
+
+
+class FeatureStoreError(ItemError):
+    """A feature store is unreadable, or was made with another bundle (stale)."""
+
+    code = "bad_features"

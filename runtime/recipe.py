@@ -37,25 +37,64 @@ def distances(p: Pairs) -> tuple[float, np.ndarray]:
     return g, loc
 
 
-def item_v1(p: Pairs) -> np.ndarray:
-    """[global diff (D), mean local diff (D), global cos, local cos mean/min/max,
-    mean detector score, found fraction, word fraction] -> 2D + 7 float32."""
+def _global(p: Pairs) -> tuple[np.ndarray, float]:
     gi, gt = normalize(p.global_image), normalize(p.global_text)
-    dim = gi.shape[-1]
-    cos_g = float(gi @ gt)
+    return gi - gt, float(gi @ gt)
+
+
+def _local(p: Pairs, dim: int) -> tuple[np.ndarray, list[float]]:
+    """Mean local difference, and [local cos mean/min/max, mean detector score, found
+    fraction, word fraction]."""
     if len(p.local_image):
         li, lt = normalize(p.local_image), normalize(p.local_text)
         cos_l = np.sum(li * lt, axis=-1)
-        local_diff = (li - lt).mean(0)
-        stats = [cos_l.mean(), cos_l.min(), cos_l.max()]
+        diff, stats = (li - lt).mean(0), [cos_l.mean(), cos_l.min(), cos_l.max()]
     else:
-        local_diff, stats = np.zeros(dim, np.float32), [0.0, 0.0, 0.0]
+        diff, stats = np.zeros(dim, np.float32), [0.0, 0.0, 0.0]
     det = float(p.scores.mean()) if len(p.scores) else 0.0
-    tail = [cos_g, *stats, det, len(p.local_image) / p.max_objects, len(p.scores) / p.max_objects]
-    return np.concatenate([gi - gt, local_diff, np.asarray(tail, np.float32)]).astype(np.float32)
+    return diff, [*stats, det, len(p.local_image) / p.max_objects, len(p.scores) / p.max_objects]
 
 
-RECIPES = {"item-v1": (item_v1, lambda dim: 2 * dim + 7)}
+def _vector(*parts) -> np.ndarray:
+    return np.concatenate([np.asarray(x, np.float32).reshape(-1) for x in parts]).astype(np.float32)
+
+
+def item_v1(p: Pairs) -> np.ndarray:
+    """Global and local combined by concatenation: [global diff (D), mean local diff (D),
+    global cos, local cos mean/min/max, mean detector score, found fraction, word fraction]."""
+    g, cos_g = _global(p)
+    loc, stats = _local(p, g.shape[-1])
+    return _vector(g, loc, [cos_g, *stats])
+
+
+def item_v1_sum(p: Pairs) -> np.ndarray:
+    """Global and local combined by sum (the paper's Σ): [global diff + mean local diff (D),
+    global cos, the six local statistics]."""
+    g, cos_g = _global(p)
+    loc, stats = _local(p, g.shape[-1])
+    return _vector(g + loc, [cos_g, *stats])
+
+
+def item_v1_global(p: Pairs) -> np.ndarray:
+    """Ablation, global pair only: [global diff (D), global cos]."""
+    g, cos_g = _global(p)
+    return _vector(g, [cos_g])
+
+
+def item_v1_local(p: Pairs) -> np.ndarray:
+    """Ablation, local pairs only: [mean local diff (D), the six local statistics]."""
+    dim = p.global_image.shape[-1]
+    loc, stats = _local(p, dim)
+    return _vector(loc, stats)
+
+
+# name -> (features(Pairs) -> vector, feature_dim(clip_dim) -> int)
+RECIPES = {
+    "item-v1": (item_v1, lambda dim: 2 * dim + 7),
+    "item-v1-sum": (item_v1_sum, lambda dim: dim + 7),
+    "item-v1-global": (item_v1_global, lambda dim: dim + 1),
+    "item-v1-local": (item_v1_local, lambda dim: dim + 6),
+}
 
 
 def recipe(name: str):

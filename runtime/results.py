@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .recipe import Pairs
+
 
 @dataclass(frozen=True)
 class ObjectResult:
@@ -30,3 +32,11 @@ class DetectionResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """A result and the matched pairs in CLIP space it was computed from."""
+
+    result: DetectionResult
+    pairs: Pairs

@@ -24,7 +24,7 @@ from .errors import BundleIntegrityError, BundleVersionError, ImageError
 from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, crop_box, load_image
 from .preprocess import ImageSpec, preprocess
 from .recipe import Pairs, distances, recipe
-from .results import DetectionResult, ObjectResult
+from .results import Analysis, DetectionResult, ObjectResult
 from .text import TextTokenizer, TextTower, TokenizerSpec
 from .words import Vocabulary
 
@@ -136,6 +136,13 @@ class Runtime:
         self, images: list[ImageInput], *, max_new_tokens: int | None = None, words: list[str] | None = None
     ) -> list[DetectionResult]:
         """`words`: look for these vocabulary words instead of the caption's (fixed-work profiling)."""
+        return [a.result for a in self.analyze_batch(images, max_new_tokens=max_new_tokens, words=words)]
+
+    def analyze_batch(
+        self, images: list[ImageInput], *, max_new_tokens: int | None = None, words: list[str] | None = None
+    ) -> list[Analysis]:
+        """`detect_batch` plus each image's matched pairs: what `item features` stores and
+        `item train` learns from."""
         if words is not None:
             unknown = [w for w in words if w not in self.bank.index]
             if unknown:
@@ -147,10 +154,8 @@ class Runtime:
             with t.stage("decode"):
                 pil = [self._load(x, i, len(images)) for i, x in enumerate(images)]
             results = self._run(pil, t, max_new_tokens, words)
-        return [
-            DetectionResult(**{**r.__dict__, "timings_ms": {k: round(v, 3) for k, v in t.items()}})
-            for r in results
-        ]
+        timings = {k: round(v, 3) for k, v in t.items()}
+        return [Analysis(replace(a.result, timings_ms=dict(timings)), a.pairs) for a in results]
 
     def close(self) -> None:
         if self._pool is not None:
@@ -175,7 +180,7 @@ class Runtime:
 
     def _run(
         self, images: list[Image.Image], t: Timings, max_new_tokens: int | None, forced: list[str] | None
-    ) -> list[DetectionResult]:
+    ) -> list[Analysis]:
         cap, det = self.captioner, self.detector
         with t.stage("preprocess"):
             px_cap = preprocess(images, self.specs["captioner"])
@@ -242,7 +247,10 @@ class Runtime:
                 feats.append(self.features(p))
             p_fake = self.head.run({"features": np.stack(feats)})["p_fake"].reshape(-1)
         return [
-            self._result(images[i], captions.texts[i], captions.tokens[i], dets[i], pairs[i], float(p_fake[i]))
+            Analysis(
+                self._result(images[i], captions.texts[i], captions.tokens[i], dets[i], pairs[i], float(p_fake[i])),
+                pairs[i],
+            )
             for i in range(len(images))
         ]
 
