@@ -1,0 +1,302 @@
+"""Features, training, calibration and evaluation of the head, on generated datasets whose
+classes differ in a learnable way (fakes: cooler colours and pixel noise), with the tiny bundle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from itemrt import Runtime
+from itemrt.bundle import Bundle
+from itemrt.cli import main as item
+from itemrt.dataset import load_dataset
+from itemrt.errors import DatasetError, FeatureStoreError
+from itemrt.features import LOG, FeatureStore, _pack, extract, read_features
+from itemrt.recipe import RECIPES
+
+SPLIT_SIZES = {"train": 24, "val": 10, "test": 10}  # per class
+
+
+def make_image(rng: np.random.Generator, fake: bool, strength: float = 1.0) -> Image.Image:
+    w, h = (int(v) for v in rng.integers(80, 140, 2))
+    base = np.array([150, 100, 70]) + strength * (np.array([70, 110, 160]) - np.array([150, 100, 70])) * fake
+    img = Image.new("RGB", (w, h), tuple(int(c) for c in base + rng.integers(-30, 30, 3)))
+    d = ImageDraw.Draw(img)
+    for _ in range(3):
+        x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
+        d.ellipse([x0, y0, x0 + int(rng.integers(10, w // 2)), y0 + int(rng.integers(10, h // 2))],
+                  fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    if fake:
+        noise = rng.integers(-40, 41, (h, w, 3)) * strength
+        img = Image.fromarray((np.asarray(img, np.float64) + noise).clip(0, 255).astype(np.uint8))
+    return img
+
+
+def make_dataset(root: Path, seed: int = 0) -> Path:
+    """train/ val/ test/ x real/ fake/<generator>/, plus one corrupt file (listed bad, not fatal)."""
+    rng = np.random.default_rng(seed)
+    for split, n in SPLIT_SIZES.items():
+        for i in range(n):
+            (root / split / "real").mkdir(parents=True, exist_ok=True)
+            make_image(rng, False).save(root / split / "real" / f"r{i:03d}.png")
+            gen = "gan" if i % 2 else "diffusion"
+            (root / split / "fake" / gen).mkdir(parents=True, exist_ok=True)
+            make_image(rng, True).save(root / split / "fake" / gen / f"f{i:03d}.png")
+    (root / "train" / "fake" / "gan" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (root / "README.txt").write_text("not an image, not in a label folder")
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("dataset"))
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle, tmp_path_factory) -> Path:
+    """A copy of the tiny bundle: training rewrites its head."""
+    out = tmp_path_factory.mktemp("train") / "tiny"
+    shutil.copytree(tiny_bundle, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def features(dataset, bundle, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("features") / "store"
+    assert item(["features", str(dataset), "--bundle", str(bundle), "--out", str(out), "--precision", "fp32"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(features, bundle) -> dict:
+    old_head = Bundle.open(bundle).head_files()
+    rc = item(["train", str(features), "--bundle", str(bundle), "--hidden", "32", "--max-epochs", "80",
+               "--patience", "15", "--seed", "1"])
+    assert rc == 0
+    m = Bundle.open(bundle).manifest
+    return {"manifest": m, "old_head": old_head, "report": json.loads((bundle / m["head"]["report"]).read_text())}
+
+
+# --- datasets -------------------------------------------------------------------------------
+
+
+def test_folder_layouts(tmp_path):
+    files = [
+        "real/a.jpg", "fake/sd14/b.png",  # plain, generator folder
+        "test/progan/0_real/c.png", "test/progan/1_fake/d.png",  # UniversalFakeDetect
+        "sdv4/train/nature/e.jpg", "sdv4/val/ai/f.jpg",  # GenImage
+        "notes/g.png", "real/h.txt",  # outside label folders / not an image: ignored
+    ]
+    for f in files:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_bytes(b"x")
+    got = {s.key: (s.label, s.generator, s.split) for s in load_dataset(tmp_path)}
+    assert set(got) == set(files[:6])
+    assert got["fake/sd14/b.png"][:2] == (1, "sd14")
+    assert got["test/progan/0_real/c.png"] == (0, "progan", "test")
+    assert got["test/progan/1_fake/d.png"] == (1, "progan", "test")
+    assert got["sdv4/train/nature/e.jpg"] == (0, "sdv4", "train")
+    assert got["sdv4/val/ai/f.jpg"] == (1, "sdv4", "val")
+    # No split folder: a split from the path's hash, the same on every listing.
+    assert got["real/a.jpg"][2] in ("train", "val", "test")
+    assert load_dataset(tmp_path)[0] == load_dataset(tmp_path)[0]
+    assert {s.split for s in load_dataset(tmp_path, (0.0, 0.0, 1.0)) if "train" not in s.key and "val" not in s.key} == {"test"}
+
+
+def test_manifests_and_their_errors(tmp_path):
+    (tmp_path / "d.csv").write_text("path,label,generator,split\nimgs/a.png,real,,train\nimgs/b.png,1,gan,val\n")
+    a, b = load_dataset(tmp_path / "d.csv")
+    assert (a.label, a.split, b.label, b.generator, b.split) == (0, "train", 1, "gan", "val")
+    assert a.path == (tmp_path / "imgs" / "a.png").resolve()
+    (tmp_path / "d.jsonl").write_text('{"path": "x.png", "label": "fake"}\n\n{"path": "y.png", "label": "real", "split": "test"}\n')
+    assert [s.label for s in load_dataset(tmp_path / "d.jsonl")] == [1, 0]
+    bad = {
+        "label.csv": "path,label\na.png,maybe\n",
+        "split.csv": "path,label,split\na.png,real,holdout\n",
+        "cols.csv": "file,label\na.png,real\n",
+        "dup.csv": "path,label\na.png,real\na.png,fake\n",
+        "json.jsonl": '{"path": "a.png", "label": "real"}\n{oops\n',
+        "empty.csv": "path,label\n",
+    }
+    for name, text in bad.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DatasetError):
+            load_dataset(tmp_path / name)
+    with pytest.raises(DatasetError, match="no dataset"):
+        load_dataset(tmp_path / "nowhere")
+
+
+# --- the feature store ------------------------------------------------------------------------
+
+
+class Interrupted(Runtime):
+    """The real runtime, with a Ctrl-C arriving after `after` images (and a count of the images it ran)."""
+
+    def __init__(self, bundle, after: int | None = None):
+        super().__init__(bundle, precision="fp32")
+        self.after, self.ran = after, 0
+
+    def analyze_batch(self, images, **kw):
+        if self.after is not None and self.ran >= self.after:
+            raise KeyboardInterrupt
+        self.ran += len(images)
+        return super().analyze_batch(images, **kw)
+
+
+def test_resume_processes_no_image_twice(dataset, tiny_bundle, tmp_path):
+    samples = load_dataset(dataset)
+    out = tmp_path / "store"
+    first = Interrupted(tiny_bundle, after=7)
+    with pytest.raises(KeyboardInterrupt):
+        extract(first, samples, out, shard_size=4)
+    assert first.ran == 7
+    part = read_features(out)
+    assert len(part) == 7 and len(set(part.columns["key"].tolist())) == 7
+
+    second = Interrupted(tiny_bundle)
+    s = extract(second, samples, out, shard_size=4)
+    good = len(samples) - 1  # broken.png
+    assert second.ran == good - 7 == s.extracted
+    assert s.bad == 1 and s.skipped == 7  # the test/ images sort first: broken.png came in the second run
+    f = read_features(out)
+    keys = f.columns["key"].tolist()
+    assert len(keys) == len(set(keys)) == good
+    assert [b["key"] for b in f.bad] == ["train/fake/gan/broken.png"] and f.bad[0]["error"] == "corrupt_image"
+
+    third = Interrupted(tiny_bundle)
+    s = extract(third, samples, out)
+    assert third.ran == 0 and s.skipped == len(samples) and s.bad == 0  # bad files are not retried
+
+
+def test_torn_log_tail_and_crash_between_shard_and_log(features, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(features, store)
+    f = read_features(store)
+    row = {k: v[0] for k, v in f.columns.items()}  # a record already in a shard
+    rec = _pack(row)
+    (store / LOG).write_bytes(rec + rec[: len(rec) // 2])  # duplicate (crash before log reset) + torn record
+    again = read_features(store)
+    assert again.columns["key"].tolist() == f.columns["key"].tolist()
+    with FeatureStore(store, f.meta) as s:  # the writer cuts the torn tail on open
+        assert (store / LOG).stat().st_size == len(rec)
+        assert len(s.done) == len(f)
+    assert (store / LOG).stat().st_size == 0  # compacted: the duplicate dropped
+    assert read_features(store).columns["key"].tolist() == f.columns["key"].tolist()
+
+
+def test_store_refuses_other_settings_and_stale_bundles(features, bundle, tiny_bundle, tmp_path):
+    with Runtime(tiny_bundle, precision="int8") as rt, pytest.raises(FeatureStoreError, match="precision"):
+        extract(rt, load_dataset(read_features(features).meta["dataset"])[:1], features)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_bundle, other)
+    m = json.loads((other / "manifest.json").read_text())
+    m["detector"]["threshold"] = 0.2  # a different chain: features made with `bundle` are stale for it
+    (other / "manifest.json").write_text(json.dumps(m))
+    assert Bundle.open(other).feature_fingerprint != Bundle.open(tiny_bundle).feature_fingerprint
+    with pytest.raises(FeatureStoreError, match="stale"):
+        read_features(features, Bundle.open(other).feature_fingerprint)
+    assert item(["train", str(features), "--bundle", str(other), "--max-epochs", "1"]) == 2
+    with pytest.raises(FeatureStoreError, match="no feature store"):
+        read_features(tmp_path / "nothing")
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+def test_training_beats_chance_and_installs_the_head(trained, bundle, features):
+    m, report = trained["manifest"], trained["report"]
+    test = report["test"]["all"]
+    assert test["auc"] >= 0.95 and test["ap"] >= 0.95, test
+    assert test["acc_mean"] >= 0.85, test
+    assert set(report["test"]) == {"diffusion", "gan", "mean", "all"}
+    assert report["data"]["train"] == {"real": 24, "fake": 24, "by_generator": {"fake/diffusion": 12, "fake/gan": 12, "real/-": 24}}
+    assert report["data"]["bad_images"] == 1
+    assert 1 <= report["best_epoch"] <= report["epochs_run"] <= 80
+    h = m["head"]
+    assert h["trained"] and h["recipe"] == "item-v1" and h["hidden"] == [32] and h["threshold"] == 0.5
+    assert m["components"]["head"]["parity"]["p_fake"]["passed"]
+    # New files under new names, old ones gone, every hash verified on open.
+    assert not (trained["old_head"] & set(m["files"]))
+    assert not any((bundle / f).exists() for f in trained["old_head"])
+    Bundle.open(bundle, verify=True)
+
+
+def test_onnx_head_equals_the_pytorch_head(trained, bundle, features):
+    import torch
+
+    from itemrt.export.evaluate import head_p_fake
+    from itemrt.export.head import load_head
+
+    b = Bundle.open(bundle)
+    f = read_features(features, b.feature_fingerprint)
+    head = load_head(bundle / b.manifest["head"]["weights"], b.manifest["head"])
+    with torch.no_grad():
+        ref = head(torch.from_numpy(f.matrix("item-v1"))).numpy()
+    got = head_p_fake(b, f, f.rows())
+    assert np.abs(ref - got).max() <= 1e-6
+    assert ref.std() > 0.1  # a trained head, not a constant
+
+
+def test_runtime_uses_the_trained_head(trained, bundle, features):
+    f = read_features(features)
+    i = int(np.flatnonzero(f.columns["split"] == "test")[0])
+    with Runtime(bundle, precision="fp32") as rt:
+        r = rt.detect(str(f.columns["path"][i]))
+        from itemrt.export.evaluate import head_p_fake
+
+        assert r.trained and r.threshold == 0.5
+        assert abs(r.p_fake - head_p_fake(rt.bundle, f, np.array([i]))[0]) <= 1e-5
+        assert r.caption == str(f.columns["caption"][i])
+
+
+def test_recipe_ablations_train(features, tiny_bundle, tmp_path):
+    for name in RECIPES:
+        b = tmp_path / name
+        shutil.copytree(tiny_bundle, b)
+        assert item(["train", str(features), "--bundle", str(b), "--recipe", name, "--hidden", "8",
+                     "--max-epochs", "3"]) == 0
+        m = Bundle.open(b).manifest
+        dim = m["clip"]["dim"]
+        assert m["head"]["recipe"] == name and m["head"]["input_dim"] == RECIPES[name][1](dim)
+        assert m["components"]["head"]["inputs"][0]["shape"] == ["batch", RECIPES[name][1](dim)]
+
+
+def test_calibration_meets_the_target_fpr(trained, bundle, features):
+    assert item(["calibrate", str(features), "--bundle", str(bundle), "--target-fpr", "0.1"]) == 0
+    cal = Bundle.open(bundle).manifest["head"]["calibration"]
+    assert cal["target_fpr"] == 0.1 and cal["n_real"] == 10 and cal["resolved"]
+    assert cal["val_fpr"] <= 0.1
+    from itemrt.export.evaluate import head_p_fake
+
+    b = Bundle.open(bundle)
+    f = read_features(features)
+    val = np.flatnonzero((f.columns["split"] == "val") & (f.columns["label"] == 0))
+    p = head_p_fake(b, f, val)
+    assert np.mean(p >= cal["threshold"]) == cal["val_fpr"]
+    assert b.manifest["head"]["threshold"] == cal["threshold"]
+
+
+def test_eval_tables_curves_and_robustness(trained, bundle, features, tmp_path):
+    out = tmp_path / "eval"
+    assert item(["eval", str(features), "--bundle", str(bundle), "--out", str(out), "--robustness", "jpeg=60"]) == 0
+    rep = json.loads((out / "eval.json").read_text())
+    assert set(rep["results"]) == {"diffusion", "gan", "mean", "all"}
+    assert rep["results"]["all"]["n_real"] == 10 and rep["results"]["all"]["n_fake"] == 10
+    # Diffusion's row: its 5 fakes against all 10 reals (the reals are shared).
+    assert (rep["results"]["diffusion"]["n_real"], rep["results"]["diffusion"]["n_fake"]) == (10, 5)
+    assert rep["robustness"]["jpeg=60"]["missing"] == 0
+    assert (features / "perturbed" / "jpeg-60" / "meta.json").is_file()
+    md = (out / "eval.md").read_text()
+    assert "| diffusion |" in md and "| jpeg=60 |" in md
+    for png in ("roc.png", "pr.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The ONNX head (eval) and the PyTorch head (training report) agree on the test split,
+    # at the threshold each run used.
+    t = trained["report"]["test"]["all"]
+    for k in ("ap", "auc"):
+        assert abs(rep["results"]["all"][k] - t[k]) <= 1e-9
