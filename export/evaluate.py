@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-
 from itemrt.backend import OrtSession, SessionOptions
 from itemrt.bundle import Bundle
 from itemrt.features import Features, extract, read_features
@@ -115,9 +114,9 @@ def eval_markdown(report: dict) -> str:
         lines += ["**The head is untrained (seeded placeholder): these numbers mean nothing.**", ""]
     cal = report["calibration"]
     how = f"calibrated for FPR {cal['target_fpr']} on validation reals" if cal else "not calibrated"
-    lines += [f"Recipe `{report['recipe']}`, threshold {report['threshold']:.6f} ({how}). Accuracies at that "
-              "threshold; AP and AUC threshold-free. Per generator: its fakes against its own reals where the "
-              "dataset groups reals by generator, else against all reals; `mean` averages the generator rows.",
+    lines += [(f"Recipe `{report['recipe']}`, threshold {report['threshold']:.6f} ({how}). Accuracies at that "
+               "threshold; AP and AUC threshold-free. Per generator: its fakes against its own reals where the "
+               "dataset groups reals by generator, else against all reals; `mean` averages the generator rows."),
               "", markdown_table(report["results"])]
     if report["robustness"]:
         rows = {"clean": report["results"]["all"], **{k: v["all"] for k, v in report["robustness"].items()}}

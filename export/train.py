@@ -19,14 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-
 from itemrt.backend import OrtSession, SessionOptions
 from itemrt.bundle import TRAINING_DIR, Bundle, sha256_file, write_manifest
 from itemrt.dataset import SPLITS
 from itemrt.errors import DatasetError
 from itemrt.features import Features, read_features
 from itemrt.recipe import RECIPES, recipe
+from torch import nn
 
 from . import metrics
 from .evaluate import head_p_fake, markdown_table
@@ -176,8 +175,8 @@ def calibrate_threshold(p_val: np.ndarray, y_val: np.ndarray, target_fpr: float)
         "target_fpr": target_fpr,
         "threshold": thr,
         "split": "val",
-        "n_real": int(len(reals)),
-        "n_fake": int(len(fakes)),
+        "n_real": len(reals),
+        "n_fake": len(fakes),
         "val_fpr": float(np.mean(reals >= thr)),
         "val_tpr": float(np.mean(fakes >= thr)) if len(fakes) else None,
     }
@@ -273,10 +272,10 @@ def training_markdown(report: dict) -> str:
     lines = [
         f"# Head training report ({report['trained_at']})",
         "",
-        f"Recipe `{cfg['recipe']}`, MLP {cfg['hidden']} dropout {cfg['dropout']}, AdamW lr {cfg['lr']} "
-        f"wd {cfg['weight_decay']}, batch {cfg['batch_size']}, seed {cfg['seed']}.",
-        f"Features: `{report['features']['path']}` (bundle {report['features']['bundle']}, "
-        f"{report['features']['precision']}). Epochs run {report['epochs_run']}, best epoch {report['best_epoch']}.",
+        (f"Recipe `{cfg['recipe']}`, MLP {cfg['hidden']} dropout {cfg['dropout']}, AdamW lr {cfg['lr']} "
+         f"wd {cfg['weight_decay']}, batch {cfg['batch_size']}, seed {cfg['seed']}."),
+        (f"Features: `{report['features']['path']}` (bundle {report['features']['bundle']}, "
+         f"{report['features']['precision']}). Epochs run {report['epochs_run']}, best epoch {report['best_epoch']}."),
         f"Threshold {report['threshold']:.6f}"
         + (f" (calibrated for FPR {report['calibration']['target_fpr']} on validation reals)" if report["calibration"] else " (default)"),
         "",

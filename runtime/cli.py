@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="item", description="ITEM-RT: fake-image detection by image-text misalignment")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    from itemrt.export import cli as export_cli  # torch is imported only when one of these runs
+    from itemrt.export import (
+        cli as export_cli,  # torch is imported only when one of these runs
+    )
 
     e = sub.add_parser("export", help="export frozen models to a bundle (needs the [export] extra)")
     export_cli.add_arguments(e)
@@ -155,7 +157,7 @@ def _features(args) -> int:
     if args.perturb:
         parse(args.perturb)
     samples = load_dataset(args.dataset, tuple(args.split_ratios))
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
     with Runtime(args.bundle, threads=args.threads, precision=args.precision) as rt:
         try:
             s = extract(rt, samples, args.out, perturbation=args.perturb, batch_size=args.batch_size,

@@ -16,6 +16,7 @@ import csv
 import hashlib
 import json
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 from .errors import DatasetError
@@ -56,7 +57,7 @@ def load_dataset(source: str | Path, ratios: tuple[float, float, float] = DEFAUL
         raise DatasetError(f"{source} holds no labelled images (see `item features --help` for the layouts)")
     samples = [Sample(key, path, label, gen, split or _hash_split(key, ratios)) for key, path, label, gen, split in rows]
     samples.sort(key=lambda s: s.key)
-    dup = next((a.key for a, b in zip(samples, samples[1:]) if a.key == b.key), None)
+    dup = next((a.key for a, b in pairwise(samples) if a.key == b.key), None)
     if dup:
         raise DatasetError(f"{source} lists {dup} more than once")
     return samples

@@ -18,12 +18,11 @@ import json
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-from PIL import Image
 
 from .dataset import Sample
 from .errors import FeatureStoreError, ImageError
@@ -227,7 +226,7 @@ class FeatureStore:
             self._log.close()
             self._lock.close()
 
-    def __enter__(self) -> "FeatureStore":
+    def __enter__(self) -> FeatureStore:
         return self
 
     def __exit__(self, *exc) -> None:

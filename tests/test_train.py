@@ -9,8 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
-
 from itemrt import Runtime
 from itemrt.bundle import Bundle
 from itemrt.cli import main as item
@@ -18,6 +16,7 @@ from itemrt.dataset import load_dataset
 from itemrt.errors import DatasetError, FeatureStoreError
 from itemrt.features import LOG, FeatureStore, _pack, extract, read_features
 from itemrt.recipe import RECIPES
+from PIL import Image, ImageDraw
 
 SPLIT_SIZES = {"train": 24, "val": 10, "test": 10}  # per class
 
@@ -228,7 +227,6 @@ def test_training_beats_chance_and_installs_the_head(trained, bundle, features):
 
 def test_onnx_head_equals_the_pytorch_head(trained, bundle, features):
     import torch
-
     from itemrt.export.evaluate import head_p_fake
     from itemrt.export.head import load_head
 
