@@ -1,7 +1,8 @@
 """Inference sessions with name-based I/O and loud failure.
 
 One small interface, `Session.run(feeds) -> outputs by name`, so the model modules do not
-care which engine runs a graph. ONNX Runtime (CPU by default) is the backend here.
+care which engine runs a graph: ONNX Runtime (CPU by default, or its CUDA / TensorRT
+execution providers) here, TensorRT plans in `tensorrt.py`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BundleError
+from .errors import BackendUnavailableError, BundleError
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -31,7 +32,7 @@ class SessionOptions:
     """How graphs run. `threads` 0 lets ONNX Runtime use every core."""
 
     threads: int = 0
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    providers: tuple = ("CPUExecutionProvider",)  # names, or (name, options) pairs
     # Spinning threads burn the cores that concurrently running stages need.
     spin: bool = False
     # Write ONNX Runtime's per-node profile (item-bench counts FLOPs from it); slows runs a little.
@@ -69,11 +70,48 @@ class OrtSession:
         return self._sess.end_profiling()
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        if feeds.keys() != self.inputs.keys():
-            raise ValueError(f"{self.name}: inputs are {sorted(self.inputs)}, got {sorted(feeds)}")
-        for k, v in feeds.items():
-            if v.dtype != self.inputs[k]:
-                raise TypeError(f"{self.name}: input {k} must be {np.dtype(self.inputs[k])}, got {v.dtype}")
+        check_feeds(self.name, self.inputs, feeds)
         names = outputs or self.outputs
         return dict(zip(names, self._sess.run(names, feeds)))
+
+
+def check_feeds(name: str, inputs: dict, feeds: dict[str, np.ndarray]) -> None:
+    """Name-based I/O fails loudly: every input by name, each in its exact dtype."""
+    if feeds.keys() != inputs.keys():
+        raise ValueError(f"{name}: inputs are {sorted(inputs)}, got {sorted(feeds)}")
+    for k, v in feeds.items():
+        if v.dtype != inputs[k]:
+            raise TypeError(f"{name}: input {k} must be {np.dtype(inputs[k])}, got {v.dtype}")
+
+
+# Backends a Runtime can use. The ORT ones differ only in execution providers.
+BACKENDS = ("onnxruntime", "ort-cuda", "ort-tensorrt", "tensorrt")
+
+
+def ort_providers(backend: str, cache_dir: Path | None = None) -> tuple:
+    """ONNX Runtime providers for a backend, after checking this onnxruntime build has them.
+    The TensorRT EP keeps its engine and timing caches in `cache_dir` (inside the bundle)."""
+    import onnxruntime as ort
+
+    want = {
+        "onnxruntime": ("CPUExecutionProvider",),
+        "ort-cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+        "ort-tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+    }[backend]
+    have = ort.get_available_providers()
+    if want[0] not in have:
+        raise BackendUnavailableError(
+            f"backend {backend} needs ONNX Runtime's {want[0]}, and this onnxruntime has {have}; "
+            f"install onnxruntime-gpu (x86) or the JetPack onnxruntime wheel (Jetson) instead of onnxruntime"
+        )
+    if backend != "ort-tensorrt":
+        return want
+    trt_options = {
+        # Precision lives in the graphs (FP16 variants where their gate passed): no global flag.
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(cache_dir),
+    }
+    return (("TensorrtExecutionProvider", trt_options), *want[1:])
 

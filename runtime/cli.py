@@ -1,4 +1,4 @@
-"""The `item` command: export, detect, info, serve, watch, features, train, calibrate, eval, demo."""
+"""The `item` command: export, build, detect, info, serve, watch, features, train, calibrate, eval, demo."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ import os
 import sys
 from pathlib import Path
 
+from .backend import BACKENDS
 from .bundle import PRECISIONS
 from .dataset import DEFAULT_RATIOS
 from .errors import ImageError, ItemError
 
 SAMPLES = Path(__file__).with_name("samples")
+BACKEND_HELP = ("onnxruntime (CPU), ort-cuda / ort-tensorrt (ONNX Runtime's GPU providers), "
+                "tensorrt (plans from `item build`)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--threads", type=int, default=0)
     d.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="graphs to run (default: the bundle's; a variant only where its gate passed at export)")
+    d.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help=BACKEND_HELP)
     d.set_defaults(func=_detect)
 
     i = sub.add_parser("info", help="what a bundle holds and where it came from")
@@ -50,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--token-file", default=None,
                    help="bearer token file (default: $ITEM_SERVE_TOKEN; neither: no auth)")
     s.add_argument("--precision", choices=PRECISIONS, default=None)
+    s.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help=BACKEND_HELP)
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--max-batch", type=int, default=4, help="images per batch; 1 turns micro-batching off")
     s.add_argument("--max-wait-ms", type=float, default=10.0)
@@ -67,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--interval", type=float, default=1.0, help="seconds between looks")
     w.add_argument("--once", action="store_true", help="stop when nothing new is left")
     w.add_argument("--precision", choices=PRECISIONS, default=None)
+    w.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help=BACKEND_HELP)
     w.set_defaults(func=_watch)
 
     f = sub.add_parser("features", help="run the chain over a labelled dataset and store what the head learns from",
@@ -77,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--bundle", "-b", default=os.environ.get("ITEM_BUNDLE"), help="bundle folder (or $ITEM_BUNDLE)")
     f.add_argument("--out", type=Path, required=True, help="feature store folder (created, or resumed)")
     f.add_argument("--precision", choices=PRECISIONS, default=None)
+    f.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help=BACKEND_HELP)
     f.add_argument("--threads", type=int, default=0)
     f.add_argument("--batch-size", type=int, default=1)
     f.add_argument("--split-ratios", type=float, nargs=3, default=list(DEFAULT_RATIOS), metavar=("TRAIN", "VAL", "TEST"),
@@ -87,6 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train", help="train the MLP head on stored features and install it (needs [export])")
     export_cli.add_train_arguments(t)
     t.set_defaults(func=export_cli.run_train)
+
+    bd = sub.add_parser("build", help="TensorRT engines for this GPU from the bundle's graphs (needs TensorRT)")
+    bd.add_argument("bundle")
+    bd.add_argument("--precision", choices=["fp16", "fp32"], default="fp16",
+                    help="fp16: each part's gated FP16 graph (FP32 where its gate failed); fp32: the exported graphs")
+    bd.add_argument("--max-batch", type=int, default=4, help="images per detect_batch call the engines accept")
+    bd.add_argument("--opt-batch", type=int, default=1, help="the batch TensorRT tunes kernels for")
+    bd.add_argument("--workspace-gb", type=float, default=4.0)
+    bd.set_defaults(func=_build)
 
     c = sub.add_parser("calibrate", help="re-pick the head's threshold for a target FPR on validation reals")
     export_cli.add_calibrate_arguments(c)
@@ -121,7 +137,7 @@ def _detect(args) -> int:
     if args.explain and (many or args.explain.suffix.lower() != ".png"):
         args.explain.mkdir(parents=True, exist_ok=True)
     failures = 0
-    with Runtime(args.bundle, threads=args.threads, precision=args.precision) as rt:
+    with Runtime(args.bundle, threads=args.threads, precision=args.precision, backend=args.backend) as rt:
         for path in args.paths:
             try:
                 img = load_image(path, rt.image_limits)  # decoded once: for the chain and the picture
@@ -145,6 +161,16 @@ def _detect(args) -> int:
     return 1 if failures else 0
 
 
+def _build(args) -> int:
+    from .export.build import build_engines
+    from .trt_plan import BuildSettings
+
+    settings = BuildSettings(max_batch=args.max_batch, workspace_gb=args.workspace_gb, opt_batch=args.opt_batch)
+    build_engines(args.bundle, settings, precision=args.precision,
+                  progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    return 0
+
+
 def _features(args) -> int:
     from .dataset import load_dataset
     from .features import extract
@@ -158,7 +184,7 @@ def _features(args) -> int:
         parse(args.perturb)
     samples = load_dataset(args.dataset, tuple(args.split_ratios))
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    with Runtime(args.bundle, threads=args.threads, precision=args.precision) as rt:
+    with Runtime(args.bundle, threads=args.threads, precision=args.precision, backend=args.backend) as rt:
         try:
             s = extract(rt, samples, args.out, perturbation=args.perturb, batch_size=args.batch_size,
                         dataset=str(args.dataset.resolve()), progress=log)
@@ -254,7 +280,7 @@ def _serve(args) -> int:
         print(f"item serve needs the serve extra: pip install 'itemrt[serve]' ({e})", file=sys.stderr)
         return 2
     cfg = ServeConfig(
-        bundle=args.bundle, precision=args.precision, threads=args.threads, max_batch=args.max_batch,
+        bundle=args.bundle, precision=args.precision, backend=args.backend, threads=args.threads, max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms, max_in_flight=args.max_in_flight, timeout_s=args.timeout_s,
         max_upload_bytes=int(args.max_upload_mb * 2**20), token=read_token(args.token_file),
     )
@@ -269,7 +295,7 @@ def _watch(args) -> int:
     if not args.bundle:
         print("item watch: give --bundle or set ITEM_BUNDLE", file=sys.stderr)
         return 2
-    with Runtime(args.bundle, precision=args.precision) as rt:
+    with Runtime(args.bundle, precision=args.precision, backend=args.backend) as rt:
         w = Watcher(rt, args.folder, args.out, quarantine=args.quarantine, interval_s=args.interval,
                     progress=lambda msg: print(msg, flush=True))
         try:

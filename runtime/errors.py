@@ -65,6 +65,12 @@ class BundleVersionError(BundleError):
     code = "bundle_version"
 
 
+class BackendUnavailableError(ItemError):
+    """The asked-for backend (TensorRT, a CUDA execution provider) is not installed or has no GPU."""
+
+    code = "backend_unavailable"
+
+
 # --- export side --------------------------------------------------------------------------
 
 

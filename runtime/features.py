@@ -37,7 +37,7 @@ META, LOG, BAD = "meta.json", "pending.log", "bad.jsonl"
 _MAGIC = b"ITF1"
 _HEAD = struct.Struct("<4sQI")  # magic, payload length, crc32 of the payload
 # Meta fields a resumed run must share with the store it appends to.
-_IDENTITY = ("fingerprint", "precision", "perturbation", "max_objects", "dim")
+_IDENTITY = ("fingerprint", "backend", "precision", "perturbation", "max_objects", "dim")
 
 
 def _record(s: Sample, a: Analysis, k: int, dim: int) -> dict[str, np.ndarray]:
@@ -323,7 +323,7 @@ def extract(
     m = runtime.bundle.manifest
     meta = {
         "bundle": runtime.bundle.name, "fingerprint": runtime.bundle.feature_fingerprint,
-        "precision": runtime.precision, "perturbation": perturbation,
+        "backend": runtime.backend, "precision": runtime.precision, "perturbation": perturbation,
         "max_objects": runtime.max_objects, "dim": int(m["clip"]["dim"]), "dataset": dataset,
     }
     with FeatureStore(out, meta, shard_size=shard_size) as store:

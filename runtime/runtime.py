@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .backend import OrtSession, SessionOptions
+from .backend import BACKENDS, OrtSession, SessionOptions, ort_providers
 from .bundle import PRECISIONS, Bundle
 from .captioner import Captioner, DecodingSpec
 from .clip import Clip
@@ -25,7 +25,9 @@ from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, crop_box, load_imag
 from .preprocess import ImageSpec, preprocess
 from .recipe import Pairs, distances, recipe
 from .results import Analysis, DetectionResult, ObjectResult
+from .tensorrt import TrtSession, device_info, import_tensorrt
 from .text import TextTokenizer, TextTower, TokenizerSpec
+from .trt_plan import PLANS_DIR, rebuild_command, select_plans
 from .words import Vocabulary
 
 
@@ -60,8 +62,12 @@ class WordBank:
 class Runtime:
     """Load a bundle once; detect on paths, bytes, PIL images or HxWx3 uint8 arrays.
 
+    `backend`: "onnxruntime" (CPU), "ort-cuda" / "ort-tensorrt" (ONNX Runtime's CUDA and
+    TensorRT execution providers; the latter caches its engines in the bundle), or "tensorrt"
+    (the plans `item build` made for this GPU and TensorRT version; the head stays on ORT).
     `precision`: "fp32" (the exported graphs, parity 1e-4), or "int8" / "fp16" (the variants
-    that passed their gate at export; the rest stay FP32; FP16 on CPU is for checking, slow). Default: the bundle's `default_precision`.
+    that passed their gate at export; the rest stay FP32; FP16 on CPU is for checking, slow).
+    Default: the bundle's `default_precision` on CPU, fp16 (where gated) on the GPU backends.
     `self.precisions` says what each graph really runs in. `profile_prefix` makes ONNX Runtime
     write per-node profiles (item-bench counts FLOPs from them).
 
@@ -75,6 +81,7 @@ class Runtime:
         bundle: str | Path,
         *,
         precision: str | None = None,
+        backend: str = "onnxruntime",
         threads: int = 0,
         parallel: bool = False,
         verify: bool = True,
@@ -83,19 +90,30 @@ class Runtime:
     ):
         self.bundle = b = Bundle.open(bundle, verify=verify)
         m = b.manifest
-        opts = SessionOptions(threads=threads, profile_prefix=profile_prefix)
-        self.precision = precision or b.default_precision
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        gpu_default = "fp16" if "fp16" in b.precisions() else "fp32"
+        self.precision = precision or (b.default_precision if backend == "onnxruntime" else gpu_default)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if self.precision not in b.precisions():
             raise BundleVersionError(
                 f"bundle {b.root} has no {self.precision} graphs (it has {b.precisions()}); "
-                f"re-export it with `item export --int8 ...`"
+                f"re-export it with `item export --precisions {self.precision} ...`"
             )
+        plans = self._plans(b) if backend == "tensorrt" else None
+        opts = SessionOptions(threads=threads, profile_prefix=profile_prefix,
+                              providers=ort_providers("onnxruntime" if plans else backend, b.root / PLANS_DIR / "ort-cache"))
         self.precisions: dict[str, str] = {}
-        self.sessions: dict[str, OrtSession] = {}
+        self.sessions: dict[str, OrtSession | TrtSession] = {}
 
-        def session(name: str) -> OrtSession:
+        def session(name: str) -> OrtSession | TrtSession:
+            if plans and name in plans["plans"]:
+                rec = plans["plans"][name]
+                self.precisions[name] = rec["precision"]
+                self.sessions[name] = TrtSession(b.file(rec["file"]), name, rebuild_command(b.root, plans["settings"]))
+                return self.sessions[name]
             path, prec = b.component_path(name, self.precision)
             self.precisions[name] = prec
             self.sessions[name] = OrtSession(path, name, replace(opts, optimization=opts.optimization_for(prec)))
@@ -124,6 +142,19 @@ class Runtime:
         self.threshold = float(m["head"]["threshold"])
         self.image_limits = image_limits
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="itemrt") if parallel else None
+
+    def _plans(self, b: Bundle) -> dict:
+        """This machine's TensorRT build from the manifest; fails closed with the rebuild command."""
+        trt = import_tensorrt()
+        gpu, cc = device_info()
+        build = select_plans(b.manifest, b.root, trt.__version__, gpu, cc)
+        if build["precision"] != self.precision:
+            raise BundleVersionError(
+                f"the TensorRT engines of {b.root} were built from {build['precision']} graphs, not {self.precision}; "
+                f"run with precision={build['precision']!r} or rebuild: {rebuild_command(b.root, build['settings'])} "
+                f"--precision {self.precision}"
+            )
+        return build
 
     # --- public API ---------------------------------------------------------------------
 
@@ -158,6 +189,9 @@ class Runtime:
         return [Analysis(replace(a.result, timings_ms=dict(timings)), a.pairs) for a in results]
 
     def close(self) -> None:
+        for s in self.sessions.values():
+            if isinstance(s, TrtSession):
+                s.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None

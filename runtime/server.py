@@ -30,6 +30,7 @@ STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
 class ServeConfig:
     bundle: str
     precision: str | None = None
+    backend: str = "onnxruntime"
     threads: int = 0
     max_batch: int = 4  # images per detect_batch call; 1 turns micro-batching off
     max_wait_ms: float = 10.0  # how long the first request of a batch waits for company
@@ -96,7 +97,8 @@ def create_app(cfg: ServeConfig):
 
     @asynccontextmanager
     async def lifespan(app):
-        rt = await run_in_threadpool(Runtime, cfg.bundle, precision=cfg.precision, threads=cfg.threads)
+        rt = await run_in_threadpool(Runtime, cfg.bundle, precision=cfg.precision, backend=cfg.backend,
+                                      threads=cfg.threads)
         from .cli import SAMPLES
 
         samples = sorted(SAMPLES.glob("*.jpg"))[:1]
@@ -185,7 +187,8 @@ def create_app(cfg: ServeConfig):
         rt = state["runtime"]
         m = rt.bundle.manifest
         return {"name": rt.bundle.name, "created": m["created"], "format_version": m["format_version"],
-                "itemrt_version": m["itemrt_version"], "precision": rt.precision}
+                "itemrt_version": m["itemrt_version"], "precision": rt.precision,
+                "backend": rt.backend}
 
     async def detect(request: Request, many: bool):
         endpoint = "/v1/detect/batch" if many else "/v1/detect"

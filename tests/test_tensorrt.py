@@ -1,0 +1,207 @@
+"""The GPU path around TensorRT: profiles from the manifest, buffer planning, build records
+and their checks (all on CPU), backend selection errors; the TensorRT build and backend
+themselves where TensorRT and a GPU exist (skipped elsewhere, with the reason)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from itertools import pairwise
+
+import numpy as np
+import pytest
+from itemrt import Runtime
+from itemrt.bundle import Bundle, sha256_file
+from itemrt.cli import main as item
+from itemrt.errors import BackendUnavailableError, BundleVersionError
+from itemrt.trt_plan import (
+    ALIGN,
+    ENGINE_COMPONENTS,
+    BufferPlan,
+    BuildSettings,
+    axis_bounds,
+    check_shape,
+    profiles,
+    rebuild_command,
+    select_plans,
+    target_key,
+)
+
+
+def test_profiles_follow_the_bundle_limits(tiny_bundle):
+    m = Bundle.open(tiny_bundle).manifest
+    k, t = m["words"]["max_objects"], m["captioner"]["decoding"]["max_new_tokens"]
+    s = BuildSettings(max_batch=3)
+    p = profiles(m, s)
+    assert set(p) == set(ENGINE_COMPONENTS) and "detector_text" not in p and "head" not in p
+    lo, _, hi = p["captioner_decoder"]["past_kv"]
+    assert lo[4] == 0 and hi[4] == t - 1 and lo[2] == 1 and hi[2] == 3  # past 0 on the first step
+    assert p["captioner_decoder"]["input_ids"] == ((1, 1), (1, 1), (3, 1))
+    assert p["clip_image"]["pixel_values"][2][0] == 3 * (1 + k)  # [I0, crops] of every image
+    assert p["clip_image"]["pixel_values"][1][0] == 1 + k
+    assert p["clip_text"]["input_ids"][2] == (3, m["clip"]["tokenizer"]["max_length"])
+    assert p["detector_head"]["query_embeds"][2][1] == k
+    # Static dimensions come from the graph unchanged.
+    assert p["captioner_vision"]["pixel_values"][0][1:] == tuple(m["components"]["captioner_vision"]["inputs"][0]["shape"][1:])
+    bad = json.loads(json.dumps(m))
+    bad["components"]["clip_text"]["inputs"][0]["shape"] = ["batch", "mystery"]
+    with pytest.raises(BundleVersionError, match="mystery"):
+        profiles(bad, s)
+
+
+class Recording:
+    """Wraps a real session and records the input shapes the runtime feeds it."""
+
+    def __init__(self, session, log):
+        self.session, self.log = session, log
+
+    def run(self, feeds, outputs=None):
+        for k, v in feeds.items():
+            self.log.append((self.session.name, k, v.shape))
+        return self.session.run(feeds, outputs)
+
+
+def test_profiles_accept_every_shape_the_runtime_feeds(tiny_bundle, samples):
+    """Run detect_batch at the profile's max batch (caption words and forced probe words, full
+    captions) and check every input shape against the profiles built from the manifest."""
+    s = BuildSettings(max_batch=len(samples))
+    m = Bundle.open(tiny_bundle).manifest
+    p = profiles(m, s)
+    log: list = []
+    with Runtime(tiny_bundle, precision="fp32") as rt:
+        cap, det, clip = rt.captioner, rt.detector, rt.clip
+        cap.vision, cap.cross, cap.decoder = (Recording(x, log) for x in (cap.vision, cap.cross, cap.decoder))
+        det.image, det.head = Recording(det.image, log), Recording(det.head, log)
+        clip.image, clip.text.session = Recording(clip.image, log), Recording(clip.text.session, log)
+        rt.detect_batch(samples)
+        rt.detect_batch(samples[:1], words=["dog", "person", "car", "cat"][: rt.max_objects])
+    assert {name for name, _, _ in log} == set(ENGINE_COMPONENTS)
+    for name, tensor, shape in log:
+        check_shape(name, tensor, shape, p[name][tensor], "item build ...")
+    past = [shape[4] for name, tensor, shape in log if tensor == "past_kv"]
+    assert min(past) == 0 and max(past) <= m["captioner"]["decoding"]["max_new_tokens"] - 1
+
+
+def test_shapes_outside_the_profile_name_the_rebuild(tiny_bundle):
+    p = profiles(Bundle.open(tiny_bundle).manifest, BuildSettings(max_batch=2))
+    _, _, hi = p["captioner_vision"]["pixel_values"]
+    with pytest.raises(BundleVersionError, match="item build x --max-batch 8"):
+        check_shape("captioner_vision", "pixel_values", (3, *hi[1:]), p["captioner_vision"]["pixel_values"],
+                    "item build x --max-batch 8")
+    check_shape("captioner_vision", "pixel_values", hi, p["captioner_vision"]["pixel_values"], "")
+
+
+def test_buffer_plan_holds_the_largest_outputs(tiny_bundle):
+    """Buffers sized from the profile maxima hold what the graph really returns at those
+    shapes (output shapes computed here by ONNX Runtime, as TensorRT reports them on a GPU)."""
+    from itemrt.backend import OrtSession
+
+    b = Bundle.open(tiny_bundle)
+    p = profiles(b.manifest, BuildSettings(max_batch=2))
+    rng = np.random.default_rng(0)
+    for name in ("captioner_decoder", "detector_image", "clip_image"):
+        sess = OrtSession(b.file(b.component(name)["file"]), name)
+        dtypes = {i["name"]: i["dtype"] for i in b.component(name)["inputs"] + b.component(name)["outputs"]}
+        feeds = {}
+        for tensor, (_, _, hi) in p[name].items():
+            feeds[tensor] = (rng.integers(0, 10, hi) if dtypes[tensor] == "int64" else rng.standard_normal(hi)).astype(dtypes[tensor])
+        out = sess.run(feeds)
+        plan = BufferPlan.for_shapes({**{t: (x.shape, dtypes[t]) for t, x in feeds.items()},
+                                      **{t: (x.shape, dtypes[t]) for t, x in out.items()}})
+        ends = sorted((s.offset, s.offset + s.nbytes) for s in plan.slots.values())
+        assert all(s.offset % ALIGN == 0 for s in plan.slots.values())
+        assert all(a_end <= b_start for (_, a_end), (b_start, _) in pairwise(ends))  # no overlap
+        assert plan.total >= ends[-1][1] and plan.total % ALIGN == 0
+        for t, x in {**feeds, **out}.items():
+            assert plan.slots[t].nbytes == x.nbytes and plan.fits(t, x.shape)
+    small = BufferPlan.for_shapes({"x": ((2, 3), "float16")})
+    assert small.slots["x"].nbytes == 12 and small.total == ALIGN and not small.fits("x", (3, 3))
+    with pytest.raises(BundleVersionError):
+        BufferPlan.for_shapes({"x": ((2,), "complex64")})
+
+
+def test_builds_for_other_machines_fail_closed_with_the_command(tiny_bundle):
+    m = json.loads(json.dumps(Bundle.open(tiny_bundle).manifest))
+    with pytest.raises(BundleVersionError, match=f"item build {tiny_bundle} --max-batch 4"):
+        select_plans(m, tiny_bundle, "10.3.0", "Orin", (8, 7))
+    assert target_key("10.3.0", (8, 7)) == "sm87-trt10.3.0"
+    settings = BuildSettings(max_batch=2, workspace_gb=2.0).to_dict()
+    m["tensorrt"] = {"sm87-trt10.3.0": {"gpu": "Orin", "settings": settings, "precision": "fp16",
+                                         "plans": {c: {"file": f"tensorrt/{c}.plan"} for c in ENGINE_COMPONENTS}}}
+    assert select_plans(m, tiny_bundle, "10.3.0", "Orin", (8, 7))["gpu"] == "Orin"
+    for version, cc in (("10.16.0", (8, 7)), ("10.3.0", (9, 0))):  # another TensorRT, another GPU
+        with pytest.raises(BundleVersionError) as e:
+            select_plans(m, tiny_bundle, version, "other", cc)
+        assert "sm87-trt10.3.0 (Orin)" in str(e.value) and rebuild_command(tiny_bundle, settings) in str(e.value)
+    del m["tensorrt"]["sm87-trt10.3.0"]["plans"]["clip_text"]
+    with pytest.raises(BundleVersionError, match="clip_text"):
+        select_plans(m, tiny_bundle, "10.3.0", "Orin", (8, 7))
+
+
+def test_axis_bounds_respect_opt_within_limits(tiny_bundle):
+    m = Bundle.open(tiny_bundle).manifest
+    for comp in ENGINE_COMPONENTS:
+        for lo, opt, hi in axis_bounds(comp, m, BuildSettings(max_batch=2, opt_batch=8)).values():
+            assert lo <= opt <= hi
+
+
+def test_built_plans_do_not_make_features_stale(tiny_bundle, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)
+    before = Bundle.open(b).feature_fingerprint
+    (b / "tensorrt").mkdir()
+    (b / "tensorrt" / "x.plan").write_bytes(b"plan")
+    m = json.loads((b / "manifest.json").read_text())
+    m["files"]["tensorrt/x.plan"] = sha256_file(b / "tensorrt" / "x.plan")
+    (b / "manifest.json").write_text(json.dumps(m))
+    assert Bundle.open(b).feature_fingerprint == before
+
+
+HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="checks the error a machine without TensorRT gives")
+def test_without_tensorrt_the_backend_and_build_say_what_to_install(tiny_bundle, capsys):
+    with pytest.raises(BackendUnavailableError, match="TensorRT"):
+        Runtime(tiny_bundle, backend="tensorrt")
+    assert item(["build", str(tiny_bundle)]) == 2
+    assert "BackendUnavailableError" in capsys.readouterr().err
+
+
+def test_ort_gpu_providers_are_checked(tiny_bundle):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider; the error path cannot be seen here")
+    for backend in ("ort-cuda", "ort-tensorrt"):
+        with pytest.raises(BackendUnavailableError, match="onnxruntime-gpu"):
+            Runtime(tiny_bundle, backend=backend)
+    with pytest.raises(ValueError, match="backend"):
+        Runtime(tiny_bundle, backend="cuda")
+
+
+def _gpu() -> str | None:
+    if not HAVE_TRT:
+        return "TensorRT is not installed (not obtainable in this workplace)"
+    try:
+        from itemrt.tensorrt import device_info
+
+        device_info()
+    except Exception as e:  # noqa: BLE001 - any failure means no usable GPU here
+        return f"no usable CUDA device: {e}"
+    return None
+
+
+@pytest.mark.skipif(_gpu() is not None, reason=str(_gpu()))
+def test_tensorrt_build_and_backend_match_onnx_runtime(tiny_bundle, tmp_path, samples):
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)
+    assert item(["build", str(b), "--precision", "fp32", "--max-batch", "2", "--workspace-gb", "1"]) == 0
+    rec = next(iter(Bundle.open(b).manifest["tensorrt"].values()))
+    assert set(rec["plans"]) == set(ENGINE_COMPONENTS) and rec["compute_capability"]
+    with Runtime(b, precision="fp32") as ort_rt, Runtime(b, backend="tensorrt", precision="fp32") as trt_rt:
+        for r_ort, r_trt in zip(ort_rt.detect_batch(samples[:2]), trt_rt.detect_batch(samples[:2])):
+            assert r_trt.caption_tokens == r_ort.caption_tokens
+            assert [o.word for o in r_trt.objects] == [o.word for o in r_ort.objects]
+            assert r_trt.label == r_ort.label
