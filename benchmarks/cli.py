@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
 import os
 import platform
@@ -22,13 +23,18 @@ from pathlib import Path
 from . import peak
 from .report import SCHEMA, backend_report, compare, markdown, outputs_match, table
 
-# name -> (worker backend, precision); FP16 graphs and TensorRT come with the GPU path.
+# name -> (worker backend, precision, device). The reference chain on CUDA (FP32 and FP16) is
+# the baseline a datacenter user would otherwise run; the GPU backends skip, with the reason,
+# where there is no GPU, no GPU provider or no engines.
 BACKENDS = {
-    "reference": ("reference", "fp32"),
-    "ort-fp32": ("onnxruntime", "fp32"),
-    "ort-int8": ("onnxruntime", "int8"),
-    "ort-fp16": ("onnxruntime", "fp16"),
-    "tensorrt": (None, "fp16"),
+    "reference": ("reference", "fp32", "cpu"),
+    "reference-cuda": ("reference", "fp32", "cuda"),
+    "reference-cuda-fp16": ("reference", "fp16", "cuda"),
+    "ort-fp32": ("onnxruntime", "fp32", "cpu"),
+    "ort-int8": ("onnxruntime", "int8", "cpu"),
+    "ort-fp16": ("onnxruntime", "fp16", "cpu"),
+    "ort-cuda-fp16": ("ort-cuda", "fp16", "cuda"),
+    "tensorrt": ("tensorrt", "fp16", "cuda"),
 }
 ISA = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
@@ -45,14 +51,13 @@ def machine() -> dict:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem, 1), "isa": [f for f in ISA if f in flags],
-            "gpu": None, "system": platform.system(), "python": platform.python_version()}
+            "gpu": _cuda_device(), "system": platform.system(), "python": platform.python_version()}
 
 
 def _versions() -> dict:
+    import itemrt
     import numpy
     import onnxruntime
-
-    import itemrt
 
     v = {"itemrt": itemrt.__version__, "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__}
     try:
@@ -64,18 +69,36 @@ def _versions() -> dict:
     return v
 
 
-def _skip_reason(name: str, bundle_precisions: list[str]) -> str | None:
-    kind, precision = BACKENDS[name]
-    if name == "tensorrt":
-        return "TensorRT is not installed here (the GPU path: `item build` on the target machine)"
-    if precision not in bundle_precisions:
+def _cuda_device() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def _skip_reason(name: str, bundle) -> str | None:
+    kind, precision, device = BACKENDS[name]
+    if kind == "reference" and device == "cuda" and _cuda_device() is None:
+        return "no CUDA device visible to PyTorch here"
+    if kind == "ort-cuda":
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            return "this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)"
+    if kind == "tensorrt":
+        if importlib.util.find_spec("tensorrt") is None:
+            return "TensorRT is not installed here (the GPU path: `item build` on the target machine)"
+        if not bundle.manifest.get("tensorrt"):
+            return f"the bundle has no TensorRT engines: run `item build {bundle.root}` on this machine"
+    if precision not in bundle.precisions():
         return f"the bundle has no {precision} graphs (not in `item export --precisions`, or none passed its gate)"
     return None
 
 
 def _worker(name: str, args) -> dict:
-    kind, precision = BACKENDS[name]
-    cmd = [sys.executable, "-m", "itemrt.bench.worker", "--backend", kind, "--precision", precision,
+    kind, precision, device = BACKENDS[name]
+    cmd = [sys.executable, "-m", "itemrt.bench.worker", "--backend", kind, "--precision", precision, "--device", device,
            "--bundle", str(args.bundle), "--runs", str(args.runs), "--warmup", str(args.warmup),
            "--threads", str(args.threads), "--text-cache", args.text_cache,
            "--batch-sizes", *map(str, args.batch_sizes), "--callers", *map(str, args.callers),
@@ -113,7 +136,7 @@ def run(args) -> dict:
     }
     raws = {}
     for name in args.backends:
-        reason = _skip_reason(name, bundle.precisions())
+        reason = _skip_reason(name, bundle)
         if reason:
             rep["backends"][name] = {"status": "skipped", "reason": reason}
             continue
@@ -126,7 +149,8 @@ def run(args) -> dict:
                 continue
             b = rep["backends"][name]
             b["speedup_vs_reference"] = ref_total / b["stages_ms"]["total"]["p50"]
-            b["mismatches"] = outputs_match(raws["reference"]["outputs"], raw["outputs"], BACKENDS[name][1] == "fp32")
+            exact = BACKENDS[name][1:] == ("fp32", "cpu")  # GPU kernels (TF32 convolutions) differ a little
+            b["mismatches"] = outputs_match(raws["reference"]["outputs"], raw["outputs"], exact)
             b["outputs_match_reference"] = not b["mismatches"]
     # The clock of a shared machine drifts over a long run: the peak is the best of a
     # measurement before and one after the backends, and every stage is set against it.

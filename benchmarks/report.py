@@ -47,7 +47,7 @@ def backend_report(raw: dict, peak: dict, precision: str) -> dict:
             g: float(np.median([sum(r.get(s, 0.0) for s in members) for r in runs])) for g, members in GROUPS.items()
         },
     }
-    for key in ("text_cache", "throughput"):
+    for key in ("text_cache", "throughput", "gpu", "gpu_peak_mb"):
         if key in raw:
             out[key] = raw[key]
     if "flops" in raw:

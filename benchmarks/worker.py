@@ -19,7 +19,7 @@ import threading
 import time
 
 import numpy as np
-
+from itemrt.backend import BACKENDS
 from itemrt.words import PROBE_WORDS
 
 
@@ -38,14 +38,15 @@ def _words(args) -> list[str] | None:
 # --- ONNX Runtime ---------------------------------------------------------------------------
 
 
-def run_onnxruntime(args) -> dict:
+def run_runtime(args) -> dict:
     from itemrt import Runtime
     from itemrt.images import load_image
 
     images = [load_image(p) for p in args.images]  # decode is timed below, from the file bytes
     blobs = [open(p, "rb").read() for p in args.images]
     t0 = time.perf_counter()
-    rt = Runtime(args.bundle, precision=args.precision, threads=args.threads, parallel=args.parallel)
+    rt = Runtime(args.bundle, precision=args.precision, backend=args.backend, threads=args.threads,
+                 parallel=args.parallel)
     load_s = time.perf_counter() - t0
     cache = rt.clip.cache
 
@@ -73,7 +74,8 @@ def run_onnxruntime(args) -> dict:
     rt.close()
     rt = None  # free its sessions before the profiling pass loads the graphs again
     gc.collect()
-    result["flops"] = _profile_flops(args, Runtime, blobs)
+    if args.backend == "onnxruntime":  # FLOPs from ORT's CPU profiles, set against the CPU matmul peak
+        result["flops"] = _profile_flops(args, Runtime, blobs)
     return result
 
 
@@ -164,7 +166,6 @@ def _profile_flops(args, Runtime, blobs) -> list[dict[str, int]]:
 
 def run_reference(args) -> dict:
     import torch
-
     from itemrt.export.reference import reference_for_bundle
     from itemrt.images import load_image
 
@@ -173,7 +174,8 @@ def run_reference(args) -> dict:
         torch.set_num_threads(args.threads)
     blobs = [open(p, "rb").read() for p in args.images]
     t0 = time.perf_counter()
-    ref = reference_for_bundle(args.bundle)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.precision]
+    ref = reference_for_bundle(args.bundle).to(args.device, dtype)
     load_s = time.perf_counter() - t0
 
     def once(i: int):
@@ -185,8 +187,13 @@ def run_reference(args) -> dict:
         timings["total"] = timings["total"] + decode
         return {"tokens": r.tokens, "words": r.words, "found": r.found, "p_fake": r.p_fake}, timings
 
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     result = _measure(once, args, load_s)
-    result["precisions"] = {"all": "fp32 (PyTorch eager)"}
+    result["precisions"] = {"all": f"{args.precision} (PyTorch eager, {args.device}; head fp32 on the CPU)"}
+    if args.device == "cuda":
+        result["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["gpu"] = torch.cuda.get_device_name(0)
     result["word_queries"] = "text towers on every image"
     return result
 
@@ -212,8 +219,9 @@ def _measure(once, args, load_s: float) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--backend", choices=["onnxruntime", "reference"], required=True)
+    p.add_argument("--backend", choices=["reference", *BACKENDS], required=True)
     p.add_argument("--precision", default="fp32")
+    p.add_argument("--device", default="cpu", help="the reference chain's device (cpu, cuda)")
     p.add_argument("--bundle", required=True)
     p.add_argument("--images", nargs="+", required=True)
     p.add_argument("--runs", type=int, default=5)
@@ -227,7 +235,7 @@ def main() -> None:
     p.add_argument("--callers", type=int, nargs="*", default=[1])
     p.add_argument("--throughput-repeats", type=int, default=2)
     args = p.parse_args()
-    result = run_onnxruntime(args) if args.backend == "onnxruntime" else run_reference(args)
+    result = run_reference(args) if args.backend == "reference" else run_runtime(args)
     print(json.dumps(result))
 
 

@@ -12,14 +12,14 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
-from PIL import Image
-
 from itemrt.images import crop_box
 from itemrt.recipe import Pairs, recipe
 from itemrt.words import Vocabulary
+from PIL import Image
 
 from .head import MLPHead, load_head
 from .models import Models, Source, load_models
@@ -63,6 +63,19 @@ class ReferenceChain:
         self.max_objects, self.max_new_tokens = max_objects, max_new_tokens
         self.det_threshold = det_threshold
         self.query_template, self.word_template = query_template, word_template
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+
+    def to(self, device: str, dtype: torch.dtype = torch.float32) -> ReferenceChain:
+        """Run the three models on `device` in `dtype` (the baseline a GPU user would otherwise
+        use: eager PyTorch on CUDA, FP32 or FP16). The head stays FP32 on the CPU."""
+        self.device, self.dtype = torch.device(device), dtype
+        for model in (self.m.blip, self.m.owl, self.m.clip):
+            model.to(device=self.device, dtype=dtype)
+        return self
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":  # stage times must include the GPU work they queued
+            torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
     def run(
@@ -71,13 +84,14 @@ class ReferenceChain:
         m, t = self.m, {}
 
         def tick(name, t0):
+            self._sync()
             t[name] = (time.perf_counter() - t0) * 1e3
             return time.perf_counter()
 
         t0 = time.perf_counter()
-        px = m.blip_processor(img, return_tensors="pt")["pixel_values"]
+        px = self._pixels(m.blip_processor(img, return_tensors="pt")["pixel_values"])
         limit = max_new_tokens or self.max_new_tokens
-        out = m.blip.generate(pixel_values=px, do_sample=False, num_beams=1, max_new_tokens=limit)
+        out = m.blip.generate(pixel_values=px, do_sample=False, num_beams=1, max_new_tokens=limit).cpu()
         caption = m.blip_tokenizer.decode(out[0], skip_special_tokens=True).strip()
         tokens = _strip(out[0, 1:].tolist(), m.blip.config.text_config.sep_token_id)
         t0 = tick("captioner", t0)
@@ -87,13 +101,13 @@ class ReferenceChain:
         t0 = tick("detector", t0)
 
         crops = [crop_box(img, b) for b in boxes if b is not None]
-        ipx = m.clip_processor([img, *crops], return_tensors="pt")["pixel_values"]
-        image_embeds = _features(m.clip.get_image_features(pixel_values=ipx)).numpy()
+        ipx = self._pixels(m.clip_processor([img, *crops], return_tensors="pt")["pixel_values"])
+        image_embeds = _numpy(_features(m.clip.get_image_features(pixel_values=ipx)))
         texts = [caption] + [self.word_template.format(w) for w, f in zip(words, found) if f]
-        tok = m.clip_tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-        text_embeds = _features(
+        tok = m.clip_tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
+        text_embeds = _numpy(_features(
             m.clip.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
-        ).numpy()
+        ))
         t0 = tick("clip", t0)
 
         pairs = Pairs(
@@ -106,13 +120,19 @@ class ReferenceChain:
         t["total"] = sum(t.values())
         return ReferenceResult(caption, tokens, words, found, scores, boxes, image_embeds, text_embeds, p, t)
 
+    def _pixels(self, px: torch.Tensor) -> torch.Tensor:
+        return px.to(device=self.device, dtype=self.dtype)
+
     def _detect(self, img: Image.Image, words: list[str]):
         if not words:
             return [], [], []
         m = self.m
         q = m.owl_tokenizer([self.query_template.format(w) for w in words], padding="max_length", return_tensors="pt")
-        px = m.owl_processor(img, return_tensors="pt")["pixel_values"]
-        out = m.owl(input_ids=q["input_ids"], attention_mask=q["attention_mask"], pixel_values=px)
+        q = q.to(self.device)
+        px = self._pixels(m.owl_processor(img, return_tensors="pt")["pixel_values"])
+        raw = m.owl(input_ids=q["input_ids"], attention_mask=q["attention_mask"], pixel_values=px)
+        # Post-processing on the CPU in FP32, whatever the models ran in.
+        out = SimpleNamespace(logits=raw.logits.float().cpu(), pred_boxes=raw.pred_boxes.float().cpu())
         w, h = img.size
         det = m.owl_processor.post_process_object_detection(out, threshold=self.det_threshold, target_sizes=[(h, w)])[0]
         probs = torch.sigmoid(out.logits[0])  # (P, Q)
@@ -131,6 +151,10 @@ class ReferenceChain:
                 scores.append(float(probs[:, j].max()))
                 boxes.append(None)
         return found, scores, boxes
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    return x.float().cpu().numpy()
 
 
 def _strip(ids: list[int], eos: int) -> list[int]:

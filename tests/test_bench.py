@@ -37,6 +37,11 @@ def test_report_structure_and_every_stage_timed(bench):
     assert all(rep["matmul_peak"][f"{p}_gflops"] > 0 for p in ("fp32", "int8", "fp16"))
     b = rep["backends"]
     assert b["tensorrt"]["status"] == "skipped" and b["tensorrt"]["reason"]
+    import torch
+
+    if not torch.cuda.is_available():  # the GPU baselines say why they did not run
+        for name in ("reference-cuda", "reference-cuda-fp16"):
+            assert b[name] == {"status": "skipped", "reason": "no CUDA device visible to PyTorch here"}
     ran = [n for n in ("ort-fp32", "ort-int8", "ort-fp16") if b[n]["status"] == "ok"]
     assert "ort-fp32" in ran and "ort-int8" in ran  # the tiny bundle has INT8 graphs
     for name in ran:

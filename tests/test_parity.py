@@ -188,3 +188,22 @@ def test_precision_is_checked(tiny_bundle):
 
     with pytest.raises(ValueError, match="precision"):
         Runtime(tiny_bundle, precision="fp8")
+
+
+def test_reference_chain_in_fp16(tiny_bundle, samples):
+    """The GPU baseline (item-bench reference-cuda-fp16) moves the models and every input to a
+    device and dtype; the same code path runs here on the CPU in FP16 and must keep the chain."""
+    import torch
+
+    from itemrt.words import PROBE_WORDS
+
+    ref = reference_for_bundle(tiny_bundle)  # its own copy of the models: the module fixture stays FP32
+    img = load_image(samples[0])
+    a = ref.run(img, words=list(PROBE_WORDS[:2]))
+    b = ref.to("cpu", torch.float16).run(img, words=list(PROBE_WORDS[:2]))
+    assert next(ref.m.clip.parameters()).dtype == torch.float16
+    assert b.tokens == a.tokens and b.found == a.found and b.image_embeds.dtype == np.float32
+    norms = np.linalg.norm(a.image_embeds, axis=-1) * np.linalg.norm(b.image_embeds, axis=-1)
+    cos = np.sum(a.image_embeds * b.image_embeds, -1) / norms
+    assert cos.min() >= 0.999
+    assert (a.p_fake >= 0.5) == (b.p_fake >= 0.5)
