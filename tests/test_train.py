@@ -298,3 +298,37 @@ def test_eval_tables_curves_and_robustness(trained, bundle, features, tmp_path):
     t = trained["report"]["test"]["all"]
     for k in ("ap", "auc"):
         assert abs(rep["results"]["all"][k] - t[k]) <= 1e-9
+
+
+def test_ctrl_c_then_rerun_resumes(tiny_bundle, tmp_path):
+    """A real `item features` process interrupted with SIGINT keeps what it finished; the same
+    command then does only the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = np.random.default_rng(3)
+    for i in range(300):
+        label = "fake" if i % 2 else "real"
+        (tmp_path / "data" / label).mkdir(parents=True, exist_ok=True)
+        make_image(rng, label == "fake").resize((48, 48)).save(tmp_path / "data" / label / f"{i:03d}.png")
+    out = tmp_path / "store"
+    cmd = [sys.executable, "-m", "itemrt.cli", "features", str(tmp_path / "data"), "--bundle", str(tiny_bundle),
+           "--out", str(out), "--threads", "1"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ((out / LOG).is_file() and (out / LOG).stat().st_size > 0) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "rerun to resume" in err
+    done = len(read_features(out))
+    assert 0 < done < 300
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{300 - done} images extracted, {done} already done" in r.stderr
+    keys = read_features(out).columns["key"].tolist()
+    assert len(keys) == len(set(keys)) == 300
