@@ -156,6 +156,11 @@ def select_plans(manifest: dict, root, trt_version: str, gpu_name: str, compute_
             f"plans only run on the TensorRT version and GPU that built them. Rebuild: {rebuild_command(root, settings)}"
         )
     build = builds[key]
+    if build["gpu"] != gpu_name:  # plans are tied to the GPU model, not just its architecture
+        raise BundleVersionError(
+            f"the TensorRT engines {key} of {root} were built on {build['gpu']}, this GPU is {gpu_name}; "
+            f"rebuild: {rebuild_command(root, build['settings'])}"
+        )
     missing = [c for c in ENGINE_COMPONENTS if c not in build["plans"]]
     if missing:
         raise BundleVersionError(f"TensorRT build {key} of {root} lacks {missing}; rebuild: {rebuild_command(root, build['settings'])}")

@@ -134,6 +134,8 @@ def test_builds_for_other_machines_fail_closed_with_the_command(tiny_bundle):
         with pytest.raises(BundleVersionError) as e:
             select_plans(m, tiny_bundle, version, "other", cc)
         assert "sm87-trt10.3.0 (Orin)" in str(e.value) and rebuild_command(tiny_bundle, settings) in str(e.value)
+    with pytest.raises(BundleVersionError, match="built on Orin, this GPU is Orin Nano"):  # same SM, other model
+        select_plans(m, tiny_bundle, "10.3.0", "Orin Nano", (8, 7))
     del m["tensorrt"]["sm87-trt10.3.0"]["plans"]["clip_text"]
     with pytest.raises(BundleVersionError, match="clip_text"):
         select_plans(m, tiny_bundle, "10.3.0", "Orin", (8, 7))
