@@ -4,7 +4,7 @@ Strongly typed networks (precision comes from the graph: the FP16 variant of eac
 whose gate passed at export, FP32 otherwise; `BuilderFlag.FP16` is deprecated in 10.12 and
 gone in 11), one optimization profile per plan from the manifest's limits, a workspace
 limit, and a timing cache kept beside the bundle so rebuilds are fast. Each build is
-recorded in the manifest under `tensorrt.<sm..-trt..>` with the TensorRT version, GPU name,
+recorded in the manifest under `tensorrt.<sm..-<gpu>-trt..>` with the TensorRT version, GPU name,
 compute capability and settings; the runtime refuses a build made elsewhere.
 
 Thin on purpose: profiles, buffer sizes and the checks live in `itemrt.trt_plan`. Needs
@@ -70,7 +70,7 @@ def build_engines(
     if precision not in bundle.precisions() or precision == "int8":
         raise BuildError(f"engines are built from fp16 or fp32 graphs; {root} has {bundle.precisions()}")
     gpu, cc = device_info()
-    key = target_key(trt.__version__, cc)
+    key = target_key(trt.__version__, cc, gpu)
     progress(f"build: TensorRT {trt.__version__} on {gpu} (sm{cc[0]}{cc[1]}), {precision} graphs, "
              f"max batch {settings.max_batch}, workspace {settings.workspace_gb} GB -> {PLANS_DIR}/{key}/")
     out = root / PLANS_DIR / key

@@ -8,6 +8,7 @@ layers over the documented TensorRT 10.x / 11.x API that use this module for the
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,10 +131,11 @@ class BufferPlan:
         return int(np.prod(shape, dtype=np.int64)) * DTYPE_SIZES[s.dtype] <= s.nbytes
 
 
-def target_key(trt_version: str, compute_capability: tuple[int, int]) -> str:
-    """Where a build's plans live: a plan runs only on the TensorRT version and GPU
-    architecture that built it (clip_trt names its engines the same way)."""
-    return f"sm{compute_capability[0]}{compute_capability[1]}-trt{trt_version}"
+def target_key(trt_version: str, compute_capability: tuple[int, int], gpu_name: str) -> str:
+    """Where a build's plans live: a plan runs only on the TensorRT version and GPU model
+    that built it (clip_trt names its engines by version and SM the same way)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-") or "gpu"
+    return f"sm{compute_capability[0]}{compute_capability[1]}-{slug}-trt{trt_version}"
 
 
 def rebuild_command(root, settings: dict | None = None) -> str:
@@ -145,7 +147,7 @@ def select_plans(manifest: dict, root, trt_version: str, gpu_name: str, compute_
     """The manifest's build for this TensorRT version and GPU, or a typed error with the exact
     rebuild command."""
     builds = manifest.get("tensorrt", {})
-    key = target_key(trt_version, compute_capability)
+    key = target_key(trt_version, compute_capability, gpu_name)
     if not builds:
         raise BundleVersionError(f"bundle {root} has no TensorRT engines; build them on this machine: {rebuild_command(root)}")
     if key not in builds:
@@ -156,11 +158,6 @@ def select_plans(manifest: dict, root, trt_version: str, gpu_name: str, compute_
             f"plans only run on the TensorRT version and GPU that built them. Rebuild: {rebuild_command(root, settings)}"
         )
     build = builds[key]
-    if build["gpu"] != gpu_name:  # plans are tied to the GPU model, not just its architecture
-        raise BundleVersionError(
-            f"the TensorRT engines {key} of {root} were built on {build['gpu']}, this GPU is {gpu_name}; "
-            f"rebuild: {rebuild_command(root, build['settings'])}"
-        )
     missing = [c for c in ENGINE_COMPONENTS if c not in build["plans"]]
     if missing:
         raise BundleVersionError(f"TensorRT build {key} of {root} lacks {missing}; rebuild: {rebuild_command(root, build['settings'])}")

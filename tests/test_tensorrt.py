@@ -125,20 +125,21 @@ def test_builds_for_other_machines_fail_closed_with_the_command(tiny_bundle):
     m = json.loads(json.dumps(Bundle.open(tiny_bundle).manifest))
     with pytest.raises(BundleVersionError, match=f"item build {tiny_bundle} --max-batch 4"):
         select_plans(m, tiny_bundle, "10.3.0", "Orin", (8, 7))
-    assert target_key("10.3.0", (8, 7)) == "sm87-trt10.3.0"
+    key = target_key("10.3.0", (8, 7), "NVIDIA Jetson AGX Orin")
+    assert key == "sm87-nvidia-jetson-agx-orin-trt10.3.0"
     settings = BuildSettings(max_batch=2, workspace_gb=2.0).to_dict()
-    m["tensorrt"] = {"sm87-trt10.3.0": {"gpu": "Orin", "settings": settings, "precision": "fp16",
-                                         "plans": {c: {"file": f"tensorrt/{c}.plan"} for c in ENGINE_COMPONENTS}}}
-    assert select_plans(m, tiny_bundle, "10.3.0", "Orin", (8, 7))["gpu"] == "Orin"
-    for version, cc in (("10.16.0", (8, 7)), ("10.3.0", (9, 0))):  # another TensorRT, another GPU
+    m["tensorrt"] = {key: {"gpu": "NVIDIA Jetson AGX Orin", "settings": settings, "precision": "fp16",
+                           "plans": {c: {"file": f"tensorrt/{c}.plan"} for c in ENGINE_COMPONENTS}}}
+    assert select_plans(m, tiny_bundle, "10.3.0", "NVIDIA Jetson AGX Orin", (8, 7))["precision"] == "fp16"
+    # Another TensorRT, another architecture, another GPU model of the same architecture.
+    for version, cc, gpu in (("10.16.0", (8, 7), "NVIDIA Jetson AGX Orin"), ("10.3.0", (9, 0), "NVIDIA H100"),
+                             ("10.3.0", (8, 7), "NVIDIA Jetson Orin Nano")):
         with pytest.raises(BundleVersionError) as e:
-            select_plans(m, tiny_bundle, version, "other", cc)
-        assert "sm87-trt10.3.0 (Orin)" in str(e.value) and rebuild_command(tiny_bundle, settings) in str(e.value)
-    with pytest.raises(BundleVersionError, match="built on Orin, this GPU is Orin Nano"):  # same SM, other model
-        select_plans(m, tiny_bundle, "10.3.0", "Orin Nano", (8, 7))
-    del m["tensorrt"]["sm87-trt10.3.0"]["plans"]["clip_text"]
+            select_plans(m, tiny_bundle, version, gpu, cc)
+        assert f"{key} (NVIDIA Jetson AGX Orin)" in str(e.value) and rebuild_command(tiny_bundle, settings) in str(e.value)
+    del m["tensorrt"][key]["plans"]["clip_text"]
     with pytest.raises(BundleVersionError, match="clip_text"):
-        select_plans(m, tiny_bundle, "10.3.0", "Orin", (8, 7))
+        select_plans(m, tiny_bundle, "10.3.0", "NVIDIA Jetson AGX Orin", (8, 7))
 
 
 def test_axis_bounds_respect_opt_within_limits(tiny_bundle):
