@@ -7,6 +7,8 @@ import argparse
 import shlex
 import sys
 
+from itemrt.perturb import argument as perturbation_argument
+
 from .models import DEFAULT_SOURCES
 
 
@@ -37,7 +39,8 @@ def _command() -> str:
 
 
 def _log(prefix: str):
-    return lambda msg: print(msg if msg.startswith(prefix) else f"[{prefix}] {msg}", file=sys.stderr, flush=True)
+    """Progress to stderr, tagged with the command unless the line already names it."""
+    return lambda msg: print(msg if msg.startswith(f"{prefix}:") else f"[{prefix}] {msg}", file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         precisions=tuple(args.precisions),
         parity_images=args.parity_images,
         command=_command(),
-        progress=lambda msg: print(f"[export] {msg}", file=sys.stderr, flush=True),
+        progress=_log("export"),
     )
     return 0
 
@@ -116,7 +119,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", "-b", required=True)
     p.add_argument("--out", required=True, help="folder for eval.md, eval.json, roc.png, pr.png")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
-    p.add_argument("--robustness", nargs="*", default=[], metavar="SPEC",
+    p.add_argument("--robustness", nargs="*", type=perturbation_argument, default=[], metavar="SPEC",
                    help="re-run the chain on perturbed images: jpeg=QUALITY, blur=SIGMA, scale=FACTOR")
     p.add_argument("--batch-size", type=int, default=1)
 

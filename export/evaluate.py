@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from itemrt.backend import OrtSession, SessionOptions
 from itemrt.bundle import Bundle
+from itemrt.errors import DatasetError
 from itemrt.features import Features, extract, read_features
 from itemrt.perturb import parse as parse_perturbation
 
@@ -47,7 +48,7 @@ def _split_rows(f: Features, split: str) -> np.ndarray:
         return f.rows()
     rows = np.flatnonzero(f.columns["split"] == split)
     if not len(rows):
-        raise ValueError(f"the feature store has no {split!r} images (splits: {sorted(set(f.columns['split'].tolist()))})")
+        raise DatasetError(f"the feature store has no {split!r} images (splits: {sorted(set(f.columns['split'].tolist()))})")
     return rows
 
 

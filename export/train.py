@@ -24,7 +24,7 @@ from itemrt.bundle import TRAINING_DIR, Bundle, sha256_file, write_manifest
 from itemrt.dataset import SPLITS
 from itemrt.errors import DatasetError
 from itemrt.features import Features, read_features
-from itemrt.recipe import RECIPES, recipe
+from itemrt.recipe import recipe
 from torch import nn
 
 from . import metrics
@@ -74,8 +74,7 @@ def train(
 ) -> dict:
     """Train, calibrate, export and install the head; returns the training report."""
     t0 = time.perf_counter()
-    if cfg.recipe not in RECIPES:
-        recipe(cfg.recipe)  # raises the typed error naming the known recipes
+    recipe(cfg.recipe)  # an unknown name raises the typed error listing the known ones, before any work
     bundle = Bundle.open(bundle_dir)
     f = read_features(features_dir, bundle.feature_fingerprint)
     rows = split_rows(f, "train")
@@ -113,10 +112,8 @@ def train(
         "val": metrics.by_generator(y[val], p[val], gens[val], threshold),
         "test": metrics.by_generator(y[test], p[test], gens[test], threshold) if len(test) else None,
     }
-    if calibration and len(test):
-        reals, fakes = test[y[test] == 0], test[y[test] == 1]
-        calibration["test_fpr"] = float(np.mean(p[reals] >= threshold)) if len(reals) else None
-        calibration["test_tpr"] = float(np.mean(p[fakes] >= threshold)) if len(fakes) else None
+    if calibration and report["test"]:
+        calibration["test_fpr"], calibration["test_tpr"] = report["test"]["all"]["fpr"], report["test"]["all"]["tpr"]
     _install(bundle, head, x, p, cfg, report, progress)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     summary = report["test"]["all"] if report["test"] else report["val"]["all"]

@@ -12,6 +12,7 @@ from .backend import BACKENDS
 from .bundle import PRECISIONS
 from .dataset import DEFAULT_RATIOS
 from .errors import ImageError, ItemError
+from .perturb import argument as perturbation_argument
 
 SAMPLES = Path(__file__).with_name("samples")
 BACKEND_HELP = ("onnxruntime (CPU), ort-cuda / ort-tensorrt (ONNX Runtime's GPU providers), "
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--batch-size", type=int, default=1)
     f.add_argument("--split-ratios", type=float, nargs=3, default=list(DEFAULT_RATIOS), metavar=("TRAIN", "VAL", "TEST"),
                    help="for images without a split: assigned by a hash of the path (stable across runs)")
-    f.add_argument("--perturb", default="", metavar="SPEC", help="jpeg=Q, blur=SIGMA or scale=F applied before the chain")
+    f.add_argument("--perturb", type=perturbation_argument, default=None, metavar="SPEC", help="jpeg=Q, blur=SIGMA or scale=F applied before the chain")
     f.set_defaults(func=_features)
 
     t = sub.add_parser("train", help="train the MLP head on stored features and install it (needs [export])")
@@ -161,39 +162,38 @@ def _detect(args) -> int:
     return 1 if failures else 0
 
 
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def _build(args) -> int:
     from .export.build import build_engines
     from .trt_plan import BuildSettings
 
     settings = BuildSettings(max_batch=args.max_batch, workspace_gb=args.workspace_gb, opt_batch=args.opt_batch)
-    build_engines(args.bundle, settings, precision=args.precision,
-                  progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    build_engines(args.bundle, settings, precision=args.precision, progress=_stderr)
     return 0
 
 
 def _features(args) -> int:
     from .dataset import load_dataset
     from .features import extract
-    from .perturb import parse
     from .runtime import Runtime
 
     if not args.bundle:
         print("item features: give --bundle or set ITEM_BUNDLE", file=sys.stderr)
         return 2
-    if args.perturb:
-        parse(args.perturb)
     samples = load_dataset(args.dataset, tuple(args.split_ratios))
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
     with Runtime(args.bundle, threads=args.threads, precision=args.precision, backend=args.backend) as rt:
         try:
-            s = extract(rt, samples, args.out, perturbation=args.perturb, batch_size=args.batch_size,
-                        dataset=str(args.dataset.resolve()), progress=log)
+            s = extract(rt, samples, args.out, perturbation=args.perturb or "", batch_size=args.batch_size,
+                        dataset=str(args.dataset.resolve()), progress=_stderr)
         except KeyboardInterrupt:
-            log(f"item features: interrupted; finished images are kept in {args.out}, rerun to resume")
+            _stderr(f"item features: interrupted; finished images are kept in {args.out}, rerun to resume")
             return 130
     bad = f" (listed in {args.out / 'bad.jsonl'})" if s.bad else ""
-    log(f"item features: {s.extracted} images extracted, {s.skipped} already done, {s.bad} unreadable{bad}; "
-        f"store {args.out}")
+    _stderr(f"item features: {s.extracted} images extracted, {s.skipped} already done, {s.bad} unreadable{bad}; "
+            f"store {args.out}")
     return 0
 
 

@@ -211,7 +211,9 @@ class FeatureStore:
         have = _shard_keys(self.root)
         records = [r for r in records if str(r["key"]) not in have]
         if records:
-            n = len(list(self.root.glob("part-*.npz")))
+            # After the last shard's number, never a count: a deleted shard must not make the
+            # next one overwrite an existing shard.
+            n = 1 + max((int(p.stem.split("-")[1]) for p in self.root.glob("part-*.npz")), default=-1)
             buf = io.BytesIO()
             np.savez(buf, **_stack(records))
             _write_atomic(self.root / f"part-{n:05d}.npz", buf.getvalue())
@@ -333,9 +335,11 @@ def extract(
             progress(f"features: {skipped} of {len(samples)} images already done or listed bad in {store.root}")
         bar = Progress("features", len(todo), progress)
         k, dim, bad = runtime.max_objects, meta["dim"], 0
-        for start in range(0, len(todo), max(1, batch_size)):
+        step = max(1, batch_size)
+        for start in range(0, len(todo), step):
+            chunk = todo[start : start + step]
             batch, images = [], []
-            for s in todo[start : start + max(1, batch_size)]:
+            for s in chunk:
                 try:
                     img = load_image(s.path, runtime.image_limits)
                     images.append(perturb(img, perturbation) if perturbation else img)
@@ -345,5 +349,5 @@ def extract(
                     bad += 1
             for s, a in zip(batch, runtime.analyze_batch(images) if images else []):
                 store.append(_record(s, a, k, dim))
-            bar.update(len(todo[start : start + max(1, batch_size)]), f"{bad} bad" if bad else "")
+            bar.update(len(chunk), f"{bad} bad" if bad else "")
     return ExtractSummary(len(samples), bar.done - bad, skipped, bad, Path(out))

@@ -6,6 +6,7 @@ then back up to the original size so every model sees the same geometry as befor
 
 from __future__ import annotations
 
+import argparse
 import io
 
 from PIL import Image, ImageFilter
@@ -39,3 +40,12 @@ def apply(img: Image.Image, spec: str) -> Image.Image:
     w, h = img.size
     small = img.resize((max(1, round(w * v)), max(1, round(h * v))), Image.Resampling.BICUBIC)
     return small.resize((w, h), Image.Resampling.BICUBIC)
+
+
+def argument(spec: str) -> str:
+    """argparse type for a spec: a bad one is a usage error that carries `parse`'s message."""
+    try:
+        parse(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return spec

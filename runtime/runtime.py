@@ -93,8 +93,11 @@ class Runtime:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
+        # TensorRT runs what `item build` built; the other GPU backends prefer gated FP16 graphs.
+        plans = self._plans(b, precision) if backend == "tensorrt" else None
         gpu_default = "fp16" if "fp16" in b.precisions() else "fp32"
-        self.precision = precision or (b.default_precision if backend == "onnxruntime" else gpu_default)
+        self.precision = precision or (plans or {}).get("precision") or (
+            b.default_precision if backend == "onnxruntime" else gpu_default)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if self.precision not in b.precisions():
@@ -102,7 +105,6 @@ class Runtime:
                 f"bundle {b.root} has no {self.precision} graphs (it has {b.precisions()}); "
                 f"re-export it with `item export --precisions {self.precision} ...`"
             )
-        plans = self._plans(b) if backend == "tensorrt" else None
         opts = SessionOptions(threads=threads, profile_prefix=profile_prefix,
                               providers=ort_providers("onnxruntime" if plans else backend, b.root / PLANS_DIR / "ort-cache"))
         self.precisions: dict[str, str] = {}
@@ -143,16 +145,17 @@ class Runtime:
         self.image_limits = image_limits
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="itemrt") if parallel else None
 
-    def _plans(self, b: Bundle) -> dict:
+    @staticmethod
+    def _plans(b: Bundle, precision: str | None) -> dict:
         """This machine's TensorRT build from the manifest; fails closed with the rebuild command."""
         trt = import_tensorrt()
         gpu, cc = device_info()
         build = select_plans(b.manifest, b.root, trt.__version__, gpu, cc)
-        if build["precision"] != self.precision:
+        if precision not in (None, build["precision"]):
             raise BundleVersionError(
-                f"the TensorRT engines of {b.root} were built from {build['precision']} graphs, not {self.precision}; "
+                f"the TensorRT engines of {b.root} were built from {build['precision']} graphs, not {precision}; "
                 f"run with precision={build['precision']!r} or rebuild: {rebuild_command(b.root, build['settings'])} "
-                f"--precision {self.precision}"
+                f"--precision {precision}"
             )
         return build
 

@@ -9,7 +9,7 @@ layers over the documented TensorRT 10.x / 11.x API that use this module for the
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -41,7 +41,7 @@ class BuildSettings:
     opt_batch: int = 1  # the batch TensorRT tunes kernels for (gateways mostly run 1)
 
     def to_dict(self) -> dict:
-        return {"max_batch": self.max_batch, "workspace_gb": self.workspace_gb, "opt_batch": self.opt_batch}
+        return asdict(self)
 
 
 def axis_bounds(component: str, manifest: dict, s: BuildSettings) -> dict[str, tuple[int, int, int]]:
