@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import threading
 import uuid
@@ -194,8 +195,15 @@ def test_sigterm_under_load_loses_no_accepted_request(tiny_bundle, samples):
     os.kill(proc.pid, signal.SIGTERM)
     for t in threads:
         t.join()
-    assert proc.wait(timeout=120) in TERMINATED
-    assert all(s in (200, "refused") for s in results), results
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in TERMINATED
+    # Accepted means a handler took the request: the server's own count at exit. Every request it
+    # took was answered 200, and every one of those answers reached its client.
+    answered = json.loads(re.search(r"answered detect requests by status (\{.*\})", err).group(1))
+    assert answered == {"200": results.count(200)}, (answered, results)
+    # The rest were refused, or cut by shutdown before any request reached a handler (a connection
+    # still in the listen backlog, or accepted with no request read yet): never accepted.
+    assert all(s == 200 or s == "refused" or str(s).startswith("lost:") for s in results), results
     assert results.count(200) >= 6 and len(results) == 72
 
 
