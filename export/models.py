@@ -9,6 +9,8 @@ from pathlib import Path
 from itemrt.errors import WeightsNotFoundError
 from itemrt.preprocess import RESAMPLE_NAMES, ImageSpec
 
+from .open_clip import CONFIG_NAME, is_open_clip_folder, load_open_clip
+
 DEFAULT_SOURCES = {
     "captioner": "Salesforce/blip-image-captioning-base",
     "detector": "google/owlvit-base-patch32",
@@ -25,15 +27,18 @@ class Source:
     revision: str | None
 
     def to_dict(self) -> dict:
-        return {"model_id": self.model_id, "path": self.path, "revision": self.revision}
+        fmt = "open_clip" if is_open_clip_folder(Path(self.path)) else "transformers"
+        return {"model_id": self.model_id, "path": self.path, "revision": self.revision, "format": fmt}
 
 
 def resolve(spec: str, revision: str | None = None) -> Source:
     """A local folder, or a repo id already in the Hugging Face cache. Never downloads."""
     p = Path(spec).expanduser()
     if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise WeightsNotFoundError(f"{p} has no config.json: not a Hugging Face model folder")
+        if not (p / "config.json").is_file() and not (p / CONFIG_NAME).is_file():
+            raise WeightsNotFoundError(
+                f"{p} has no config.json (a Hugging Face model folder) nor {CONFIG_NAME} (an open_clip one)"
+            )
         return Source(spec, str(p.resolve()), revision)
     if p.exists() or spec.startswith((".", "/", "~")):
         raise WeightsNotFoundError(f"model folder {spec} does not exist")
@@ -68,13 +73,23 @@ class Models:
 
 
 def load_models(sources: dict[str, Source], progress=print) -> Models:
-    from transformers import AutoTokenizer, BlipForConditionalGeneration, CLIPModel, OwlViTForObjectDetection
+    from transformers import (
+        AutoTokenizer,
+        BlipForConditionalGeneration,
+        CLIPModel,
+        OwlViTForObjectDetection,
+    )
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    from transformers.models.owlvit.image_processing_pil_owlvit import OwlViTImageProcessorPil
+    from transformers.models.owlvit.image_processing_pil_owlvit import (
+        OwlViTImageProcessorPil,
+    )
 
     def load(kind, cls, ip_cls):
         path = sources[kind].path
+        if kind == "clip" and is_open_clip_folder(Path(path)):
+            progress(f"loading {kind} from {path} (open_clip checkpoint, converted to CLIPModel)")
+            return load_open_clip(Path(path))
         progress(f"loading {kind} from {path}")
         try:
             model = cls.from_pretrained(path, local_files_only=True).eval()

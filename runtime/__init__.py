@@ -14,6 +14,7 @@ from .errors import (
     ImageTooLargeError,
     ItemError,
     UnsupportedImageError,
+    UnsupportedModelError,
     WeightsNotFoundError,
 )
 from .results import DetectionResult, ObjectResult
@@ -36,4 +37,5 @@ __all__ = [
     "BundleIntegrityError",
     "BundleVersionError",
     "WeightsNotFoundError",
+    "UnsupportedModelError",
 ]

@@ -226,7 +226,8 @@ def _info(args) -> int:
         print(f"weights    RANDOM-INIT ({m['random_init']}): same architectures, random weights; results are noise")
     for kind, s in m["sources"].items():
         rev = f"@{s['revision']}" if s.get("revision") else ""
-        print(f"source     {kind:<10} {s['model_id']}{rev}  ({s['path']})")
+        fmt = " [open_clip, converted]" if s.get("format") == "open_clip" else ""
+        print(f"source     {kind:<10} {s['model_id']}{rev}{fmt}  ({s['path']})")
     v = m["versions"]
     print("versions   " + ", ".join(f"{k} {v[k]}" for k in v))
     h = m["head"]

@@ -80,6 +80,12 @@ class WeightsNotFoundError(ItemError, FileNotFoundError):
     code = "weights_not_found"
 
 
+class UnsupportedModelError(ItemError, ValueError):
+    """A checkpoint whose architecture the export cannot reproduce faithfully."""
+
+    code = "unsupported_model"
+
+
 # --- datasets, features, training ----------------------------------------------------------
 
 
