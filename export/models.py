@@ -26,6 +26,10 @@ class Source:
     path: str
     revision: str | None
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Source:
+        return cls(d["model_id"], d["path"], d.get("revision"))  # "format" is derived from the folder
+
     def to_dict(self) -> dict:
         fmt = "open_clip" if is_open_clip_folder(Path(self.path)) else "transformers"
         return {"model_id": self.model_id, "path": self.path, "revision": self.revision, "format": fmt}

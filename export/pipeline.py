@@ -17,10 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import itemrt
 import numpy as np
 import torch
-
-import itemrt
 from itemrt.backend import OrtSession, SessionOptions
 from itemrt.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file, write_manifest
 from itemrt.errors import ItemError

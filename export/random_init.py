@@ -16,11 +16,7 @@ from itemrt.words import DEFAULT_VOCABULARY, plural_forms
 CONFIG_DIR = Path(__file__).with_name("configs")
 SIZES = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
 
-_CAPTION_WORDS = (
-    "a an the of on in with and is are at to by near next front top side two three four some "
-    "sitting standing riding holding walking playing lying parked flying eating looking "
-    "white black red blue green yellow brown large small old young wooden"
-).split()
+_CAPTION_WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "is", "are", "at", "to", "by", "near", "next", "front", "top", "side", "two", "three", "four", "some", "sitting", "standing", "riding", "holding", "walking", "playing", "lying", "parked", "flying", "eating", "looking", "white", "black", "red", "blue", "green", "yellow", "brown", "large", "small", "old", "young", "wooden"]
 
 
 def size_config(size: str) -> dict:
@@ -116,7 +112,9 @@ def build_random_checkpoints(size: str, out: Path, seed: int = 0, progress=print
     )
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    from transformers.models.owlvit.image_processing_pil_owlvit import OwlViTImageProcessorPil
+    from transformers.models.owlvit.image_processing_pil_owlvit import (
+        OwlViTImageProcessorPil,
+    )
 
     cfg = size_config(size)
     out = Path(out)

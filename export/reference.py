@@ -166,7 +166,7 @@ def reference_for_bundle(root: Path, models: Models | None = None) -> ReferenceC
     """The reference chain with exactly the settings (and head) a bundle was exported with."""
     m = json.loads((Path(root) / "manifest.json").read_text())
     if models is None:
-        models = load_models({k: Source(**s) for k, s in m["sources"].items()}, progress=lambda msg: None)
+        models = load_models({k: Source.from_dict(s) for k, s in m["sources"].items()}, progress=lambda msg: None)
     return ReferenceChain(
         models,
         load_head(Path(root) / m["head"]["weights"], m["head"]),

@@ -54,7 +54,7 @@ class Bundle:
     manifest: dict[str, Any]
 
     @classmethod
-    def open(cls, root: str | Path, verify: bool = True) -> "Bundle":
+    def open(cls, root: str | Path, verify: bool = True) -> Bundle:
         root = Path(root)
         mpath = root / MANIFEST
         if not mpath.is_file():

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import OrtSession
+from .tensorrt import TrtSession
 from .text import TextTokenizer
 
 
@@ -23,7 +24,7 @@ class DecodingSpec:
     strategy: str = "greedy"
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DecodingSpec":
+    def from_dict(cls, d: dict) -> DecodingSpec:
         return cls(**d)
 
 
@@ -37,9 +38,9 @@ class Captions:
 class Captioner:
     def __init__(
         self,
-        vision: OrtSession,
-        cross_kv: OrtSession,
-        decoder: OrtSession,
+        vision: OrtSession | TrtSession,
+        cross_kv: OrtSession | TrtSession,
+        decoder: OrtSession | TrtSession,
         tokenizer: TextTokenizer,
         spec: DecodingSpec,
     ):
@@ -58,15 +59,18 @@ class Captioner:
         s = self.spec
         limit = s.max_new_tokens if max_new_tokens is None else max_new_tokens
         batch = cross_k.shape[1]
+        kv_shape = (s.layers, 2, batch, s.heads, 0, s.head_dim)
+        if isinstance(self.decoder, TrtSession):  # the cache stays on the GPU
+            kv = self.decoder.kv_loop(cross_k, cross_v, kv_shape)
+        else:
+            kv = HostKV(self.decoder, cross_k, cross_v, kv_shape)
         ids = np.full((batch, 1), s.bos_id, np.int64)
-        past = np.zeros((s.layers, 2, batch, s.heads, 0, s.head_dim), np.float32)
         done = np.zeros(batch, bool)
         tokens: list[list[int]] = [[] for _ in range(batch)]
         steps: list[float] = []
         for _ in range(limit):
             t0 = time.perf_counter()
-            out = self.decoder.run({"input_ids": ids, "past_kv": past, "cross_k": cross_k, "cross_v": cross_v})
-            nxt = out["logits"].argmax(-1)
+            nxt = kv.step(ids).argmax(-1)
             steps.append((time.perf_counter() - t0) * 1e3)
             nxt = np.where(done, s.pad_id, nxt)
             for b in np.flatnonzero(~done):
@@ -74,5 +78,18 @@ class Captioner:
             done |= nxt == s.eos_id
             if done.all():
                 break
-            ids, past = nxt[:, None].astype(np.int64), out["present_kv"]
+            ids = nxt[:, None].astype(np.int64)
         return Captions([self.tokenizer.decode(t) for t in tokens], tokens, steps)
+
+
+class HostKV:
+    """Decoder state in host memory: each step feeds the last step's present K/V back as past."""
+
+    def __init__(self, decoder: OrtSession, cross_k: np.ndarray, cross_v: np.ndarray, kv_shape: tuple[int, ...]):
+        self.decoder, self.cross_k, self.cross_v = decoder, cross_k, cross_v
+        self.past = np.zeros(kv_shape, np.float32)
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        out = self.decoder.run({"input_ids": ids, "past_kv": self.past, "cross_k": self.cross_k, "cross_v": self.cross_v})
+        self.past = out["present_kv"]
+        return out["logits"]

@@ -38,7 +38,7 @@ class ImageSpec:
     std: tuple[float, float, float]
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ImageSpec":
+    def from_dict(cls, d: dict) -> ImageSpec:
         return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
 
     def to_dict(self) -> dict:

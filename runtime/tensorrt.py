@@ -6,6 +6,11 @@ one device allocation and one pinned host allocation laid out by `BufferPlan` fo
 profile's largest shapes (TensorRT contexts are not thread-safe, buffers are reused across
 calls). Independent stages that run on different threads therefore run on different streams.
 
+The captioner's decoder does not go through `run`: `kv_loop` keeps the image's cross K/V and
+the growing self-attention K/V on the GPU for the whole caption (uploaded once, ping-ponged
+between two device buffers), so a step moves only token ids in and logits out, and each
+step's enqueue is captured once per (batch, past length) as a CUDA graph and replayed.
+
 Written to the TensorRT 10.x / 11.x Python API (`num_io_tensors`, `get_tensor_name/mode/
 dtype`, `set_input_shape`, `set_tensor_address`, `execute_async_v3`); TensorRT is not
 obtainable where this project is developed, so this module is exercised only on machines
@@ -70,7 +75,7 @@ def device_info(device: int = 0) -> tuple[str, tuple[int, int]]:
 class _Worker:
     """One thread's context, stream and buffers for one engine."""
 
-    def __init__(self, engine, inputs: dict, outputs: list[str], profile: dict, dtypes: dict):
+    def __init__(self, engine, inputs: dict, outputs: list[str], profile: dict, dtypes: dict, extra: dict | None = None):
         cudart = _cudart()
         self.ctx = engine.create_execution_context()
         if self.ctx is None:
@@ -82,12 +87,72 @@ class _Worker:
             self.ctx.set_input_shape(name, hi)
         shapes = {n: (tuple(profile[n][2]), dtypes[n]) for n in inputs}
         shapes.update({n: (tuple(self.ctx.get_tensor_shape(n)), dtypes[n]) for n in outputs})
+        shapes.update({n: (shapes[like][0], dtypes[like]) for n, like in (extra or {}).items()})  # scratch twins
         self.plan = BufferPlan.for_shapes(shapes)
+        self.graphs: dict[tuple, object] = {}  # (input shapes, addresses) -> instantiated CUDA graph
+        self.graphable = True
         self.device = _check(cudart.cudaMalloc(self.plan.total))
         self.host = _check(cudart.cudaMallocHost(self.plan.total))
         self.host_bytes = np.ctypeslib.as_array((ctypes.c_uint8 * self.plan.total).from_address(int(self.host)))
-        for name, slot in self.plan.slots.items():
-            self.ctx.set_tensor_address(name, int(self.device) + slot.offset)
+        for name in (*inputs, *outputs):
+            self.ctx.set_tensor_address(name, self.address(name))
+
+    def address(self, name: str) -> int:
+        return int(self.device) + self.plan.slots[name].offset
+
+    def upload(self, name: str, x: np.ndarray) -> None:
+        cudart = _cudart()
+        self.view(name, x.shape)[...] = x
+        off = self.plan.slots[name].offset
+        if x.nbytes:
+            kind = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+            _check(cudart.cudaMemcpyAsync(int(self.device) + off, int(self.host) + off, x.nbytes, kind, self.stream))
+
+    def download(self, name: str, shape) -> None:
+        cudart = _cudart()
+        slot = self.plan.slots[name]
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(slot.dtype).itemsize
+        if nbytes:
+            kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+            _check(cudart.cudaMemcpyAsync(int(self.host) + slot.offset, int(self.device) + slot.offset, nbytes, kind, self.stream))
+
+    def execute(self, graph_key: tuple | None = None) -> bool:
+        """Enqueue the engine; with a key, through a CUDA graph captured for that key."""
+        if graph_key is None or not self.graphable:
+            return bool(self.ctx.execute_async_v3(self.stream))
+        cudart = _cudart()
+        graph = self.graphs.get(graph_key)
+        if graph is not None:
+            _check(cudart.cudaGraphLaunch(graph, self.stream))
+            return True
+        # TensorRT does shape-dependent setup on the first enqueue after a shape change, which
+        # must not be captured: run this call plainly (its results are the call's), wait, then
+        # capture a second enqueue for the calls to come.
+        if not self.ctx.execute_async_v3(self.stream):
+            return False
+        _check(cudart.cudaStreamSynchronize(self.stream))
+        graph = self._capture()
+        if graph is None:
+            self.graphable = False  # this engine cannot be captured; plain enqueues from now on
+        else:
+            self.graphs[graph_key] = graph
+        return True
+
+    def _capture(self):
+        cudart = _cudart()
+        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal  # other threads keep working
+        _check(cudart.cudaStreamBeginCapture(self.stream, mode))
+        try:
+            ok = self.ctx.execute_async_v3(self.stream)
+        finally:
+            err, graph = cudart.cudaStreamEndCapture(self.stream)
+        if not ok or err != cudart.cudaError_t.cudaSuccess:
+            cudart.cudaGetLastError()  # clear the sticky capture error
+            return None
+        try:
+            return _check(cudart.cudaGraphInstantiate(graph, 0))
+        finally:
+            cudart.cudaGraphDestroy(graph)
 
     def view(self, name: str, shape) -> np.ndarray:
         slot = self.plan.slots[name]
@@ -97,6 +162,8 @@ class _Worker:
 
     def close(self) -> None:
         cudart = _cudart()
+        for graph in self.graphs.values():
+            cudart.cudaGraphExecDestroy(graph)
         cudart.cudaFreeHost(self.host)
         cudart.cudaFree(self.device)
         cudart.cudaStreamDestroy(self.stream)
@@ -105,7 +172,7 @@ class _Worker:
 class TrtSession:
     """`run(feeds) -> outputs by name`, like OrtSession, on a TensorRT plan."""
 
-    def __init__(self, path: Path, name: str, rebuild: str):
+    def __init__(self, path: Path, name: str, rebuild: str, scratch: dict[str, str] | None = None):
         trt = import_tensorrt()
         self.name, self.rebuild = name, rebuild
         self._logger = trt.Logger(trt.Logger.WARNING)
@@ -120,6 +187,7 @@ class TrtSession:
         self.inputs = {n: np.dtype(self.dtypes[n]).type for n in names if is_input[n]}
         self.outputs = [n for n in names if not is_input[n]]
         self.profile = {n: tuple(tuple(s) for s in engine.get_tensor_profile_shape(n, 0)) for n in self.inputs}
+        self._scratch = scratch or {}  # extra per-worker device buffers shaped like a tensor
         self._local = threading.local()
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
@@ -127,42 +195,79 @@ class TrtSession:
     def _worker(self) -> _Worker:
         w = getattr(self._local, "worker", None)
         if w is None:
-            w = _Worker(self.engine, self.inputs, self.outputs, self.profile, self.dtypes)
+            w = _Worker(self.engine, self.inputs, self.outputs, self.profile, self.dtypes, self._scratch)
             self._local.worker = w
             with self._lock:
                 self._workers.append(w)
         return w
 
+    def _set_shape(self, w: _Worker, name: str, shape) -> None:
+        check_shape(self.name, name, shape, self.profile[name], self.rebuild)
+        if not w.ctx.set_input_shape(name, shape):
+            raise BundleVersionError(f"{self.name}: TensorRT refused shape {shape} for {name}; rebuild: {self.rebuild}")
+
+    def _output_shape(self, w: _Worker, name: str) -> tuple:
+        shape = tuple(w.ctx.get_tensor_shape(name))
+        if not w.plan.fits(name, shape):
+            raise BundleVersionError(f"{self.name}: output {name} {shape} exceeds its buffer; rebuild: {self.rebuild}")
+        return shape
+
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         check_feeds(self.name, self.inputs, feeds)
         cudart = _cudart()
         w = self._worker()
-        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for name, x in feeds.items():
-            check_shape(self.name, name, x.shape, self.profile[name], self.rebuild)
-            if not w.ctx.set_input_shape(name, x.shape):
-                raise BundleVersionError(f"{self.name}: TensorRT refused shape {x.shape} for {name}; rebuild: {self.rebuild}")
-            w.view(name, x.shape)[...] = x
-            slot = w.plan.slots[name]
-            if x.nbytes:
-                _check(cudart.cudaMemcpyAsync(int(w.device) + slot.offset, int(w.host) + slot.offset, x.nbytes, h2d, w.stream))
-        if not w.ctx.execute_async_v3(w.stream):
+            self._set_shape(w, name, x.shape)
+            w.upload(name, x)
+        if not w.execute():
             raise RuntimeError(f"{self.name}: TensorRT execution failed")
-        shapes = {}
-        for name in outputs or self.outputs:
-            shape = tuple(w.ctx.get_tensor_shape(name))
-            if not w.plan.fits(name, shape):
-                raise BundleVersionError(f"{self.name}: output {name} {shape} exceeds its buffer; rebuild: {self.rebuild}")
-            shapes[name] = shape
-            slot = w.plan.slots[name]
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(slot.dtype).itemsize
-            if nbytes:
-                _check(cudart.cudaMemcpyAsync(int(w.host) + slot.offset, int(w.device) + slot.offset, nbytes, d2h, w.stream))
+        shapes = {name: self._output_shape(w, name) for name in outputs or self.outputs}
+        for name, shape in shapes.items():
+            w.download(name, shape)
         _check(cudart.cudaStreamSynchronize(w.stream))
         return {name: w.view(name, shape).copy() for name, shape in shapes.items()}
+
+    def kv_loop(self, cross_k: np.ndarray, cross_v: np.ndarray, kv_shape: tuple[int, ...]) -> DeviceKV:
+        """Greedy-decoding state for the captioner's decoder plan (see DeviceKV)."""
+        return DeviceKV(self, self._worker(), cross_k, cross_v, kv_shape)
 
     def close(self) -> None:
         with self._lock:
             for w in self._workers:
                 w.close()
             self._workers.clear()
+
+
+class DeviceKV:
+    """One caption's decoder state on the GPU, with the step protocol of `captioner.HostKV`.
+
+    Cross K/V are uploaded once. The self-attention cache alternates between the scratch
+    buffers kv~0 and kv~1 (each sized for the longest `present_kv`): step t reads t positions
+    from one and writes t + 1 to the other, so nothing but ids and logits crosses the bus.
+    Each (batch, t) enqueue is a CUDA graph after its first use; the addresses it binds are
+    fixed per (batch, t), so the graph stays valid while the worker lives.
+    """
+
+    def __init__(self, session: TrtSession, worker: _Worker, cross_k: np.ndarray, cross_v: np.ndarray, kv_shape):
+        self.s, self.w, self.t = session, worker, 0
+        self.kv_shape = tuple(kv_shape)  # (layers, 2, batch, heads, 0, head_dim): axis 4 grows
+        for name, x in (("cross_k", cross_k), ("cross_v", cross_v)):
+            session._set_shape(worker, name, x.shape)
+            worker.upload(name, np.ascontiguousarray(x, dtype=worker.plan.slots[name].dtype))
+        self.buffers = (worker.address("kv~0"), worker.address("kv~1"))
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        s, w, t = self.s, self.w, self.t
+        past = (*self.kv_shape[:4], t, *self.kv_shape[5:])
+        s._set_shape(w, "input_ids", ids.shape)
+        s._set_shape(w, "past_kv", past)
+        w.ctx.set_tensor_address("past_kv", self.buffers[t % 2])
+        w.ctx.set_tensor_address("present_kv", self.buffers[(t + 1) % 2])
+        w.upload("input_ids", ids)
+        if not w.execute(graph_key=(ids.shape, t)):
+            raise RuntimeError(f"{s.name}: TensorRT execution failed at decoder step {t}")
+        shape = s._output_shape(w, "logits")
+        w.download("logits", shape)
+        _check(_cudart().cudaStreamSynchronize(w.stream))
+        self.t += 1
+        return w.view("logits", shape).copy()

@@ -17,7 +17,7 @@ class TokenizerSpec:
     padding: str  # "longest" or "max_length", as the reference processor pads
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TokenizerSpec":
+    def from_dict(cls, d: dict) -> TokenizerSpec:
         return cls(**d)
 
 

@@ -58,7 +58,7 @@ class Vocabulary:
         self._longest = max(len(k) for k in table)
 
     @classmethod
-    def load(cls, path: str | Path = DEFAULT_VOCABULARY) -> "Vocabulary":
+    def load(cls, path: str | Path = DEFAULT_VOCABULARY) -> Vocabulary:
         doc = json.loads(Path(path).read_text())
         if doc.get("format") != "itemrt-vocabulary":
             raise ValueError(f"{path} is not an itemrt vocabulary file")

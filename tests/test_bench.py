@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from itemrt.bench.report import SCHEMA, compare
 from itemrt.bench.worker import node_flops
 

@@ -6,8 +6,12 @@ import json
 import shutil
 
 import pytest
-
-from itemrt import BundleIntegrityError, BundleNotFoundError, BundleVersionError, Runtime
+from itemrt import (
+    BundleIntegrityError,
+    BundleNotFoundError,
+    BundleVersionError,
+    Runtime,
+)
 from itemrt.bundle import Bundle
 
 

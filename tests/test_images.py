@@ -8,8 +8,6 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from itemrt import (
     CorruptImageError,
     ImageError,
@@ -18,6 +16,7 @@ from itemrt import (
     UnsupportedImageError,
 )
 from itemrt.images import ImageLimits, crop_box, load_image
+from PIL import Image
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:

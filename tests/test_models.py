@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from itemrt import WeightsNotFoundError
 from itemrt.export.models import resolve
 

@@ -6,11 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from itemrt.export.parity import FP32, REDUCED, chain_parity, reference_cases
 from itemrt.export.reference import reference_for_bundle
 from itemrt.images import load_image
+from PIL import Image
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +145,6 @@ def test_reduced_precision_graphs_are_gated_and_recorded(tiny_bundle, precision)
 def test_fp16_graph_keeps_fp32_islands(tiny_bundle):
     """The precision is in the graph: FP16 weights, LayerNorm and softmax still FP32."""
     import onnx
-
     from itemrt.export.precision import FP16_KEEP_FP32
 
     m = json.loads((tiny_bundle / "manifest.json").read_text())
@@ -194,7 +192,6 @@ def test_reference_chain_in_fp16(tiny_bundle, samples):
     """The GPU baseline (item-bench reference-cuda-fp16) moves the models and every input to a
     device and dtype; the same code path runs here on the CPU in FP16 and must keep the chain."""
     import torch
-
     from itemrt.words import PROBE_WORDS
 
     ref = reference_for_bundle(tiny_bundle)  # its own copy of the models: the module fixture stays FP32

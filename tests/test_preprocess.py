@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from itemrt.export.models import image_spec
+from itemrt.preprocess import preprocess
 from PIL import Image
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-from transformers.models.owlvit.image_processing_pil_owlvit import OwlViTImageProcessorPil
-
-from itemrt.export.models import image_spec
-from itemrt.preprocess import preprocess
+from transformers.models.owlvit.image_processing_pil_owlvit import (
+    OwlViTImageProcessorPil,
+)
 
 PROCESSORS = {
     "blip-base": BlipImageProcessorPil(),  # 384 exact, bicubic

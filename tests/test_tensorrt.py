@@ -204,7 +204,11 @@ def test_tensorrt_build_and_backend_match_onnx_runtime(tiny_bundle, tmp_path, sa
     rec = next(iter(Bundle.open(b).manifest["tensorrt"].values()))
     assert set(rec["plans"]) == set(ENGINE_COMPONENTS) and rec["compute_capability"]
     with Runtime(b, precision="fp32") as ort_rt, Runtime(b, backend="tensorrt", precision="fp32") as trt_rt:
-        for r_ort, r_trt in zip(ort_rt.detect_batch(samples[:2]), trt_rt.detect_batch(samples[:2])):
-            assert r_trt.caption_tokens == r_ort.caption_tokens
-            assert [o.word for o in r_trt.objects] == [o.word for o in r_ort.objects]
-            assert r_trt.label == r_ort.label
+        expected = ort_rt.detect_batch(samples[:2])
+        # the second pass replays the decoder's CUDA graphs captured in the first
+        for _ in range(2):
+            for r_ort, r_trt in zip(expected, trt_rt.detect_batch(samples[:2])):
+                assert r_trt.caption_tokens == r_ort.caption_tokens
+                assert [o.word for o in r_trt.objects] == [o.word for o in r_ort.objects]
+                assert r_trt.label == r_ort.label
+                assert abs(r_trt.p_fake - r_ort.p_fake) < 1e-3
