@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import platform
 import shutil
 import sys
@@ -21,7 +20,14 @@ import itemrt
 import numpy as np
 import torch
 from itemrt.backend import OrtSession, SessionOptions
-from itemrt.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file, write_manifest
+from itemrt.bundle import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    cache_dir,
+    sha256_file,
+    write_manifest,
+)
 from itemrt.errors import ItemError
 from itemrt.images import load_image
 from itemrt.preprocess import preprocess
@@ -45,11 +51,6 @@ DEFAULT_HEAD = {"hidden": [512, 128], "dropout": 0.1}
 
 class ParityError(ItemError):
     code = "parity_failed"
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("ITEMRT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "itemrt"
-    return Path(base)
 
 
 def sample_images() -> list[Path]:

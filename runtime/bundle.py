@@ -48,13 +48,64 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def cache_dir() -> Path:
+    """itemrt's per-user cache ($ITEMRT_CACHE, else $XDG_CACHE_HOME/itemrt)."""
+    base = os.environ.get("ITEMRT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "itemrt"
+    return Path(base)
+
+
+class HashCache:
+    """sha256 digests already checked, keyed by the file's identity and stat, so reopening an
+    unchanged bundle does not re-read gigabytes. Any write to a file changes its ctime (which
+    user space cannot set back), so a changed file is always hashed again. A cache that cannot
+    be read or written is simply not used."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path or cache_dir() / "verified-hashes.json"
+        try:
+            self.entries: dict[str, list] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+        self.dirty = False
+
+    @staticmethod
+    def _stamp(path: Path) -> list:
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+    def sha256(self, path: Path) -> str:
+        key = str(path.resolve())
+        stamp = self._stamp(path)
+        hit = self.entries.get(key)
+        if hit and hit[:-1] == stamp:
+            return hit[-1]
+        digest = sha256_file(path)
+        if self._stamp(path) == stamp:  # not written to while it was read
+            self.entries[key], self.dirty = [*stamp, digest], True
+        return digest
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        live = {k: v for k, v in self.entries.items() if os.path.exists(k)}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(live))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a read-only home: verification still happened, it just is not remembered
+
+
 @dataclass
 class Bundle:
     root: Path
     manifest: dict[str, Any]
 
     @classmethod
-    def open(cls, root: str | Path, verify: bool = True) -> Bundle:
+    def open(cls, root: str | Path, verify: bool | str = True) -> Bundle:
+        """verify: True checks every file's sha256 (re-reading only files whose stat changed
+        since they were last verified), "full" re-reads every file, False checks presence only."""
         root = Path(root)
         mpath = root / MANIFEST
         if not mpath.is_file():
@@ -85,16 +136,21 @@ class Bundle:
         if missing:
             raise BundleVersionError(f"manifest lacks components {missing}; {_redo(m, self.root)}")
 
-    def _check_files(self, verify_hashes: bool) -> None:
+    def _check_files(self, verify: bool | str) -> None:
+        if verify not in (True, False, "full"):
+            raise ValueError(f"verify must be True, False or 'full', got {verify!r}")
+        cache = HashCache() if verify is True else None
         for rel, digest in self.manifest.get("files", {}).items():
             path = self.root / rel
             if not path.is_file():
                 raise BundleIntegrityError(f"bundle file {rel} is missing; {_redo(self.manifest, self.root)}")
-            if verify_hashes and sha256_file(path) != digest:
+            if verify and (cache.sha256(path) if cache else sha256_file(path)) != digest:
                 raise BundleIntegrityError(
                     f"bundle file {rel} does not match its sha256 in the manifest (changed or corrupt); "
                     f"{_redo(self.manifest, self.root)}"
                 )
+        if cache:
+            cache.save()
         for name, comp in self.manifest["components"].items():
             used = [v["file"] for v in comp.get("variants", {}).values() if v.get("used")]
             for f in [comp["file"], *used]:

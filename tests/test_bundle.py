@@ -55,6 +55,45 @@ def test_wrong_hash(copy):
     Bundle.open(copy, verify=False)  # a user may skip hashing, knowingly
 
 
+def test_hash_cache_skips_unchanged_files_and_never_a_changed_one(copy, tmp_path, monkeypatch):
+    import os
+
+    import itemrt.bundle as bundle_mod
+
+    monkeypatch.setenv("ITEMRT_CACHE", str(tmp_path / "cache"))
+    reads = []
+    real = bundle_mod.sha256_file
+    monkeypatch.setattr(bundle_mod, "sha256_file", lambda p, *a: reads.append(p.name) or real(p, *a))
+    n_files = len(Bundle.open(copy).manifest["files"])
+    assert len(reads) == n_files  # first open: every file read
+    Bundle.open(copy)
+    assert len(reads) == n_files  # unchanged: nothing re-read
+    Bundle.open(copy, verify="full")
+    assert len(reads) == 2 * n_files  # "full" ignores the cache (item info uses it)
+
+    # Same size, same mtime, one byte flipped: the ctime moved, so it is hashed and refused.
+    path = copy / "bank.npz"
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    reads.clear()
+    with pytest.raises(BundleIntegrityError, match="bank.npz does not match its sha256"):
+        Bundle.open(copy)
+    assert reads == ["bank.npz"]
+
+
+def test_unwritable_hash_cache_still_verifies(copy, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    monkeypatch.setenv("ITEMRT_CACHE", str(blocker / "cache"))  # cannot be created
+    assert Bundle.open(copy).name == "tiny"
+    (copy / "bank.npz").write_bytes(b"changed")
+    with pytest.raises(BundleIntegrityError, match="bank.npz"):
+        Bundle.open(copy)
+
+
 def test_other_format_version(copy):
     _edit_manifest(copy, lambda m: m.update(format_version=99, itemrt_version="9.0"))
     with pytest.raises(BundleVersionError, match="format 99 .*re-export"):
