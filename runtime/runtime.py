@@ -84,7 +84,7 @@ class Runtime:
         backend: str = "onnxruntime",
         threads: int = 0,
         parallel: bool = False,
-        verify: bool = True,
+        verify: bool | str = True,  # True: sha256 (stat-cached), "full": re-read all, False: presence
         image_limits: ImageLimits = DEFAULT_LIMITS,
         profile_prefix: str | None = None,
     ):
