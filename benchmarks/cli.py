@@ -107,7 +107,7 @@ def _worker(name: str, args) -> dict:
     cmd += ["--objects", str(args.objects)] if args.objects is not None else []
     cmd += ["--parallel"] if args.parallel else []
     print(f"[bench] {name}: {args.warmup} warm-up, {args.runs} timed runs", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"item-bench: the {name} worker failed (exit {proc.returncode})")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -103,11 +103,11 @@ def table(rep: dict) -> str:
     lines = [
         f"item-bench  {rep['bundle']}  (random-init: {rep['random_init']})",
         f"machine     {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB; ISA {' '.join(m['isa']) or '-'}",
-        f"settings    {s['runs']} runs after {s['warmup']} warm-up, tokens {s['tokens']}, objects {s['objects']}, "
-        f"threads {s['threads'] or 'all'}, text cache {s['text_cache']}",
-        f"matmul peak (ONNX Runtime, {'x'.join(map(str, rep['matmul_peak']['shape_mkn']))}): "
+        (f"settings    {s['runs']} runs after {s['warmup']} warm-up, tokens {s['tokens']}, objects {s['objects']}, "
+        f"threads {s['threads'] or 'all'}, text cache {s['text_cache']}"),
+        (f"matmul peak (ONNX Runtime, {'x'.join(map(str, rep['matmul_peak']['shape_mkn']))}): "
         f"fp32 {rep['matmul_peak']['fp32_gflops']:.0f} GFLOP/s, int8 {rep['matmul_peak']['int8_gflops']:.0f} GOP/s, "
-        f"fp16 {rep['matmul_peak']['fp16_gflops']:.0f} GFLOP/s",
+        f"fp16 {rep['matmul_peak']['fp16_gflops']:.0f} GFLOP/s"),
     ]
     ok = _ok(rep)
     for name, b in rep["backends"].items():
@@ -161,9 +161,9 @@ def markdown(rep: dict) -> str:
     names = list(ok)
     m, s = rep["machine"], rep["settings"]
     out = [
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB, no GPU. Bundle `{rep['bundle']}` "
+        (f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB, no GPU. Bundle `{rep['bundle']}` "
         f"(random-init: {rep['random_init']}); {s['runs']} runs, {s['tokens']} tokens, {s['objects']} objects, "
-        f"text cache {s['text_cache']}. Command: `{rep['command']}`",
+        f"text cache {s['text_cache']}. Command: `{rep['command']}`"),
         "",
         "| stage, p50 ms | " + " | ".join(names) + " |",
         "| --- |" + " ---: |" * len(names),

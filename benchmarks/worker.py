@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 from itemrt.backend import BACKENDS
@@ -43,7 +44,7 @@ def run_runtime(args) -> dict:
     from itemrt.images import load_image
 
     images = [load_image(p) for p in args.images]  # decode is timed below, from the file bytes
-    blobs = [open(p, "rb").read() for p in args.images]
+    blobs = [Path(p).read_bytes() for p in args.images]
     t0 = time.perf_counter()
     rt = Runtime(args.bundle, precision=args.precision, backend=args.backend, threads=args.threads,
                  parallel=args.parallel)
@@ -96,7 +97,7 @@ def _throughput(rt, images, args) -> dict:
     for c in args.callers:
         per_caller = args.throughput_repeats * 2
 
-        def caller(k: int):
+        def caller(k: int, per_caller: int = per_caller):
             for j in range(per_caller):
                 rt.detect(images[(k + j) % len(images)], max_new_tokens=args.tokens, words=words)
 
@@ -142,7 +143,7 @@ def profile_flops(path: str) -> int:
         if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
             continue
         a = e.get("args", {})
-        shapes = [[list(d.values())[0] for d in a.get(k, [])] for k in ("input_type_shape", "output_type_shape")]
+        shapes = [[next(iter(d.values())) for d in a.get(k, [])] for k in ("input_type_shape", "output_type_shape")]
         total += node_flops(a.get("op_name", ""), *shapes)
     return total
 
@@ -172,7 +173,7 @@ def run_reference(args) -> dict:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    blobs = [open(p, "rb").read() for p in args.images]
+    blobs = [Path(p).read_bytes() for p in args.images]
     t0 = time.perf_counter()
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.precision]
     ref = reference_for_bundle(args.bundle).to(args.device, dtype)

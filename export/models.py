@@ -51,7 +51,7 @@ def resolve(spec: str, revision: str | None = None) -> Source:
 
     try:
         path = snapshot_download(spec, revision=revision, local_files_only=True)
-    except Exception as e:  # LocalEntryNotFoundError and friends
+    except Exception as e:  # noqa: BLE001 - LocalEntryNotFoundError and friends
         raise WeightsNotFoundError(
             f"{spec} is neither a local folder nor in the Hugging Face cache ({type(e).__name__}). "
             f"Nothing is downloaded here: copy the model folder to this machine and pass its path, "
@@ -93,7 +93,7 @@ def load_models(sources: dict[str, Source], progress=print) -> Models:
         path = sources[kind].path
         if kind == "clip" and is_open_clip_folder(Path(path)):
             progress(f"loading {kind} from {path} (open_clip checkpoint, converted to CLIPModel)")
-            return load_open_clip(Path(path))
+            return load_open_clip(Path(path), progress)
         progress(f"loading {kind} from {path}")
         try:
             model = cls.from_pretrained(path, local_files_only=True).eval()

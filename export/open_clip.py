@@ -215,13 +215,18 @@ def image_processor(model_cfg: dict, pp: dict, image_size: int):
     raise UnsupportedModelError(f"open_clip resize_mode {mode!r} (letterboxing) has no processor equivalent")
 
 
-def load_open_clip(path: Path):
+def load_open_clip(path: Path, progress=print):
     """(CLIPModel, tokenizer, image processor) from an open_clip folder."""
     from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
     path = Path(path)
     model_cfg, pp = read_config(path)
     _check_options(model_cfg)
+    if "quick_gelu" not in model_cfg:
+        # open_clip takes QuickGELU from its pretrained tag, not always from the saved config;
+        # OpenAI-trained weights run with GELU give subtly wrong embeddings.
+        progress(f'warning: {CONFIG_NAME} does not say "quick_gelu"; using GELU, open_clip\'s default. '
+                 'OpenAI-trained weights need QuickGELU: add "quick_gelu": true to its model_cfg')
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise WeightsNotFoundError(
             f"{path} has no tokenizer files ({' or '.join(TOKENIZER_FILES)} with merges.txt). open_clip keeps "

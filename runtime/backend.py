@@ -59,7 +59,7 @@ class OrtSession:
             so.profile_file_prefix = f"{options.profile_prefix}{name}"
         try:
             self._sess = ort.InferenceSession(str(path), sess_options=so, providers=list(options.providers))
-        except Exception as e:  # ORT raises its own opaque types
+        except Exception as e:  # noqa: BLE001 - ORT raises its own opaque types
             raise BundleError(f"ONNX Runtime could not load {name} from {path}: {e}") from None
         self.name = name
         self.inputs = {i.name: _ORT_DTYPES.get(i.type) for i in self._sess.get_inputs()}

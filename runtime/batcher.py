@@ -111,7 +111,7 @@ class Batcher:
         images = [im for j in live for im in j.images]
         try:
             results = self.runtime.detect_batch(images)
-        except BaseException as e:  # answer every caller, whatever happened
+        except BaseException as e:  # noqa: BLE001 - answer every caller, whatever happened
             for j in live:
                 j.future.set_exception(e)
             return

@@ -151,7 +151,7 @@ class FeatureStore:
         self.root = Path(root)
         self.shard_size = shard_size
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.root / ".lock", "w")
+        self._lock = open(self.root / ".lock", "w")  # noqa: SIM115 - held (and flocked) while the store is open
         try:
             import fcntl
 
@@ -163,7 +163,7 @@ class FeatureStore:
             raise FeatureStoreError(f"another `item features` is writing to {self.root}") from None
         self.meta = self._check_meta(meta)
         records, end = _read_log(self.root / LOG)
-        self._log = open(self.root / LOG, "ab")
+        self._log = open(self.root / LOG, "ab")  # noqa: SIM115 - appended to until close()
         if self._log.tell() != end:  # a torn last record: cut it, that image is redone
             self._log.truncate(end)
         self._pending = len(records)
@@ -228,7 +228,7 @@ class FeatureStore:
             self._log.close()
             self._lock.close()
 
-    def __enter__(self) -> FeatureStore:
+    def __enter__(self) -> FeatureStore:  # noqa: PYI034 - typing.Self needs 3.11; Jetson runs 3.10
         return self
 
     def __exit__(self, *exc) -> None:

@@ -13,7 +13,6 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -25,7 +24,7 @@ from .errors import (
     UnsupportedImageError,
 )
 
-ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 
 
 @dataclass(frozen=True)
@@ -123,7 +122,7 @@ def _first_frame(img: Image.Image) -> Image.Image:
 def _upright(img: Image.Image) -> Image.Image:
     try:
         return ImageOps.exif_transpose(img)
-    except Exception:  # a broken EXIF block must not reject an otherwise good image
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not reject an otherwise good image
         return img
 
 

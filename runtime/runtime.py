@@ -201,7 +201,7 @@ class Runtime:
             self._pool.shutdown(wait=True)
             self._pool = None
 
-    def __enter__(self) -> Runtime:
+    def __enter__(self) -> Runtime:  # noqa: PYI034 - typing.Self needs 3.11; Jetson runs 3.10
         return self
 
     def __exit__(self, *exc) -> None:

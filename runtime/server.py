@@ -161,7 +161,7 @@ def create_app(cfg: ServeConfig):
             try:
                 form = await Request(request.scope, replay).form(max_files=cfg.max_batch_images + 1,
                                                                  max_fields=16)
-            except Exception as e:  # starlette raises its own types for malformed multipart
+            except Exception as e:  # noqa: BLE001 - starlette raises its own types for malformed multipart
                 raise HTTPError(400, "bad_multipart", f"could not parse the multipart body: {e}") from None
             files = [v for _, v in form.multi_items() if hasattr(v, "read")]
             blobs = [await f.read() for f in files]
@@ -228,7 +228,7 @@ def create_app(cfg: ServeConfig):
         except ItemError as e:
             status = 500
             return error(HTTPError(500, e.code, str(e)))
-        except Exception as e:  # the server answers, whatever broke
+        except Exception as e:  # noqa: BLE001 - the server answers, whatever broke
             status = 500
             return error(HTTPError(500, "internal", f"{type(e).__name__}: {e}"))
         finally:

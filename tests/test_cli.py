@@ -10,7 +10,7 @@ from PIL import Image
 
 
 def _item(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "itemrt.cli", *map(str, args)], capture_output=True, text=True, **kw)
+    return subprocess.run([sys.executable, "-m", "itemrt.cli", *map(str, args)], capture_output=True, text=True, check=False, **kw)
 
 
 def test_detect_json_and_explain(tiny_bundle, samples, tmp_path):

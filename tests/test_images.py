@@ -121,7 +121,7 @@ def test_animated_takes_first_frame():
     buf = io.BytesIO()
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
     out = load_image(buf.getvalue())
-    r, g, b = out.getpixel((8, 8))
+    r, _, b = out.getpixel((8, 8))
     assert r > 200 and b < 50
 
 

@@ -30,6 +30,6 @@ def test_export_cli_reports_missing_weights(tmp_path):
 
     r = subprocess.run(
         [sys.executable, "-m", "itemrt.cli", "export", "--out", str(tmp_path / "b"), "--captioner", str(tmp_path / "x")],
-        capture_output=True, text=True,
+        capture_output=True, text=True, check=False,
     )
     assert r.returncode == 2 and "WeightsNotFoundError" in r.stderr

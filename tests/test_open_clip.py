@@ -105,7 +105,8 @@ class OpenClipNetwork(nn.Module):
 def write_checkpoint(folder, net, quick_gelu, *, safetensors=False, model_cfg=None, extra=None):
     """A folder as open_clip writes it for the hub: config, weights, tokenizer files."""
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = model_cfg or {"embed_dim": EMBED, "quick_gelu": quick_gelu, "vision_cfg": VISION, "text_cfg": TEXT}
+    cfg = model_cfg or {"embed_dim": EMBED, "vision_cfg": VISION, "text_cfg": TEXT} | (
+        {"quick_gelu": True} if quick_gelu else {})  # GELU as open_clip saves it: the key left out
     pp = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bicubic", "resize_mode": "shortest"}
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": pp}))
     sd = {k: v.detach().clone() for k, v in net.state_dict().items()} | (extra or {})
@@ -133,7 +134,9 @@ def test_converted_model_computes_what_open_clip_computes(tmp_path, quick_gelu, 
     torch.manual_seed(0)
     net = OpenClipNetwork(quick_gelu).eval()
     folder = write_checkpoint(tmp_path / "oc", net, quick_gelu, safetensors=safetensors)
-    model, tokenizer, processor = load_open_clip(folder)
+    said = []
+    model, tokenizer, processor = load_open_clip(folder, progress=said.append)
+    assert any('"quick_gelu"' in m for m in said) != quick_gelu  # a config that does not say is flagged
 
     px = torch.randn(3, 3, 32, 32)
     texts = ["a dog on a red couch next to a lamp", "a photo of a cat", "two men riding horses"]
