@@ -50,6 +50,9 @@ def backend_report(raw: dict, peak: dict, precision: str) -> dict:
     for key in ("text_cache", "throughput", "gpu", "gpu_peak_mb"):
         if key in raw:
             out[key] = raw[key]
+    if raw.get("gpu_runs"):  # device time per stage (CUDA events), apart from the wall times above
+        g = raw["gpu_runs"]
+        out["gpu_stages_ms"] = {k: stats([r.get(k, 0.0) for r in g]) for k in g[0]}
     if "flops" in raw:
         out["gflops"] = _gflops(raw, peak.get(f"{precision}_gflops"))
     return out
@@ -144,6 +147,10 @@ def table(rep: dict) -> str:
             bs = ", ".join(f"batch {k}: {v['images_per_s']:.2f}" for k, v in t["batch"].items())
             cs = ", ".join(f"{k} callers: {v['images_per_s']:.2f}" for k, v in t["callers"].items())
             lines.append(f"{'':<12} images/s: {bs}; {cs}; peak RSS then {t['peak_rss_mb']:.0f} MB")
+        if "gpu_stages_ms" in b:
+            g = ", ".join(f"{st} {v['p50']:.1f}" for st, v in b["gpu_stages_ms"].items())
+            lines.append(f"{'':<12} GPU ({b.get('gpu')}) time p50 ms, CUDA events: {g}; "
+                         f"peak GPU memory {b.get('gpu_peak_mb', 0):.0f} MB")
         if "text_cache" in b:
             c = b["text_cache"]
             lines.append(f"{'':<12} caption cache ({c['mode']}): hit rate {c['hit_rate']:.2f}; word queries: {b['word_queries']}")
@@ -161,7 +168,8 @@ def markdown(rep: dict) -> str:
     names = list(ok)
     m, s = rep["machine"], rep["settings"]
     out = [
-        (f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB, no GPU. Bundle `{rep['bundle']}` "
+        (f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB, {m.get('gpu') or 'no GPU'}. "
+         f"Bundle `{rep['bundle']}` "
         f"(random-init: {rep['random_init']}); {s['runs']} runs, {s['tokens']} tokens, {s['objects']} objects, "
         f"text cache {s['text_cache']}. Command: `{rep['command']}`"),
         "",
@@ -176,6 +184,10 @@ def markdown(rep: dict) -> str:
     out.append("| outputs match reference | " + " | ".join(
         str(ok[n].get("outputs_match_reference", "-")) for n in names) + " |")
     out.append("| peak RSS MB | " + " | ".join(f"{ok[n]['peak_rss_mb']:.0f}" for n in names) + " |")
+    if any("gpu_stages_ms" in ok[n] for n in names):
+        out.append("| GPU time p50 ms (CUDA events) | " + " | ".join(
+            f"{sum(v['p50'] for v in ok[n]['gpu_stages_ms'].values()):.0f}" if "gpu_stages_ms" in ok[n] else "-"
+            for n in names) + " |")
     out.append("| images/s, batch 1 | " + " | ".join(
         f"{ok[n]['throughput']['batch']['1']['images_per_s']:.2f}" if "1" in ok[n].get("throughput", {}).get("batch", {})
         else f"{1000 / ok[n]['stages_ms']['total']['p50']:.2f}" for n in names) + " |")

@@ -179,6 +179,8 @@ def run_reference(args) -> dict:
     ref = reference_for_bundle(args.bundle).to(args.device, dtype)
     load_s = time.perf_counter() - t0
 
+    gpu_runs = []
+
     def once(i: int):
         t = time.perf_counter()
         img = load_image(blobs[i])
@@ -186,6 +188,7 @@ def run_reference(args) -> dict:
         r = ref.run(img, max_new_tokens=args.tokens, words=_words(args))
         timings = {"decode": decode, **r.timings_ms}
         timings["total"] = timings["total"] + decode
+        gpu_runs.append(r.gpu_ms)
         return {"tokens": r.tokens, "words": r.words, "found": r.found, "p_fake": r.p_fake}, timings
 
     if args.device == "cuda":
@@ -195,6 +198,7 @@ def run_reference(args) -> dict:
     if args.device == "cuda":
         result["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         result["gpu"] = torch.cuda.get_device_name(0)
+        result["gpu_runs"] = gpu_runs[len(gpu_runs) - args.runs:]  # the timed runs, not the warm-up
     result["word_queries"] = "text towers on every image"
     return result
 

@@ -37,6 +37,7 @@ class ReferenceResult:
     text_embeds: np.ndarray  # [caption, found words]
     p_fake: float
     timings_ms: dict[str, float] = field(default_factory=dict)
+    gpu_ms: dict[str, float] = field(default_factory=dict)  # CUDA-event time per stage, on a GPU only
 
 
 def _features(out) -> torch.Tensor:
@@ -73,18 +74,22 @@ class ReferenceChain:
             model.to(device=self.device, dtype=dtype)
         return self
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":  # stage times must include the GPU work they queued
-            torch.cuda.synchronize(self.device)
-
     @torch.no_grad()
     def run(
         self, img: Image.Image, *, max_new_tokens: int | None = None, words: list[str] | None = None
     ) -> ReferenceResult:
-        m, t = self.m, {}
+        m, t, gpu = self.m, {}, {}
+        cuda = self.device.type == "cuda"
+        marks = [torch.cuda.Event(enable_timing=True)] if cuda else []
+        if cuda:
+            marks[0].record()
 
         def tick(name, t0):
-            self._sync()
+            if cuda:  # stage wall times include the GPU work they queued; events time it on the device
+                marks.append(torch.cuda.Event(enable_timing=True))
+                marks[-1].record()
+                torch.cuda.synchronize(self.device)
+                gpu[name] = marks[-2].elapsed_time(marks[-1])
             t[name] = (time.perf_counter() - t0) * 1e3
             return time.perf_counter()
 
@@ -118,7 +123,7 @@ class ReferenceChain:
         p = float(self.head(feats)[0])
         tick("head", t0)
         t["total"] = sum(t.values())
-        return ReferenceResult(caption, tokens, words, found, scores, boxes, image_embeds, text_embeds, p, t)
+        return ReferenceResult(caption, tokens, words, found, scores, boxes, image_embeds, text_embeds, p, t, gpu)
 
     def _pixels(self, px: torch.Tensor) -> torch.Tensor:
         return px.to(device=self.device, dtype=self.dtype)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from itemrt.bench.report import SCHEMA, compare
+from itemrt.bench.report import SCHEMA, backend_report, compare
 from itemrt.bench.worker import node_flops
 
 RUNTIME_STAGES = ("decode", "preprocess", "captioner_vision", "captioner_cross_kv", "captioner_decoder",
@@ -80,3 +80,15 @@ def test_flops_of_matmul_and_conv():
     assert node_flops("DynamicQuantizeMatMul", [[7, 8], [8, 9]], [[7, 9]]) == 2 * 7 * 9 * 8
     assert node_flops("Conv", [[1, 3, 8, 8], [16, 3, 2, 2]], [[1, 16, 4, 4]]) == 2 * 16 * 16 * 3 * 4
     assert node_flops("Softmax", [[4, 4]], [[4, 4]]) == 0
+
+
+def test_gpu_time_is_reported_apart_from_wall_time():
+    """On CUDA the reference records CUDA-event time per stage; the report keeps it apart."""
+    raw = {"runs": [{"captioner": 10.0, "clip": 4.0, "total": 14.0}, {"captioner": 11.0, "clip": 5.0, "total": 16.0}],
+           "gpu_runs": [{"captioner": 8.0, "clip": 3.0}, {"captioner": 9.0, "clip": 3.5}],
+           "precisions": {}, "load_s": 1.0, "peak_rss_mb": 1.0, "torch_imported": True, "word_queries": "towers",
+           "gpu": "NVIDIA H100", "gpu_peak_mb": 512.0}
+    b = backend_report(raw, {}, "fp16")
+    assert b["stages_ms"]["captioner"]["p50"] == 10.5 and b["gpu_stages_ms"]["captioner"]["p50"] == 8.5
+    assert b["gpu_stages_ms"]["clip"]["p50"] == 3.25 and b["gpu"] == "NVIDIA H100"
+    assert "gpu_stages_ms" not in backend_report({**raw, "gpu_runs": []}, {}, "fp32")
