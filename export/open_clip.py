@@ -84,11 +84,21 @@ def load_state_dict(path: Path) -> dict:
 
         sd = load_file(str(f))
     else:
+        import pickle
+
         import torch
 
-        sd = torch.load(f, map_location="cpu", weights_only=True)  # never unpickles code
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=True)  # never unpickles code
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            raise UnsupportedModelError(
+                f"{f} is not a plain state dict that loads without running code (a TorchScript archive or "
+                f"a truncated file?): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            ) from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(hasattr(v, "shape") for v in sd.values()):
+        raise UnsupportedModelError(f"{f} does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 

@@ -182,7 +182,11 @@ def test_missing_tokenizer_or_weights_are_named(tmp_path):
     with pytest.raises(WeightsNotFoundError, match="tokenizer"):
         load_open_clip(folder)
     folder = write_checkpoint(tmp_path / "oc2", OpenClipNetwork(True), True)
-    (folder / "open_clip_pytorch_model.bin").unlink()
+    weights = folder / "open_clip_pytorch_model.bin"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
+    with pytest.raises(UnsupportedModelError, match="truncated"):
+        load_open_clip(folder)
+    weights.unlink()
     with pytest.raises(WeightsNotFoundError, match="open_clip_model.safetensors"):
         load_open_clip(folder)
 
