@@ -184,6 +184,42 @@ def test_ort_gpu_providers_are_checked(tiny_bundle):
         Runtime(tiny_bundle, backend="cuda")
 
 
+def test_every_cuda_call_exists_with_its_arity():
+    """The TensorRT backend never runs here, so check each `cudart.X(...)` it makes against the
+    real cuda-python bindings: the name (and enum members) exist and the positional argument
+    count matches the binding's signature."""
+    import ast
+    import inspect
+    import re
+
+    cudart = pytest.importorskip("cuda.bindings.runtime", reason="cuda-bindings is in the test extra")
+    import itemrt.tensorrt as backend
+
+    tree = ast.parse(inspect.getsource(backend))
+
+    def chain(node) -> list[str] | None:
+        parts = []
+        while isinstance(node, ast.Attribute):
+            parts.append(node.attr)
+            node = node.value
+        return parts[::-1] if isinstance(node, ast.Name) and node.id == "cudart" else None
+
+    calls, seen = 0, set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and (names := chain(node)):
+            obj = cudart
+            for n in names:
+                assert hasattr(obj, n), f"cudart.{'.'.join(names)} does not exist"
+                obj = getattr(obj, n)
+            seen.add(".".join(names))
+        if isinstance(node, ast.Call) and (names := chain(node.func)) and len(names) == 1:
+            sig = getattr(cudart, names[0]).__doc__.splitlines()[0]
+            params = [p for p in re.search(r"\((.*)\)", sig).group(1).split(",") if p.strip()]
+            assert len(node.args) == len(params), f"{names[0]} takes {len(params)} arguments ({sig}), called with {len(node.args)}"
+            calls += 1
+    assert calls >= 15 and "cudaGraphLaunch" in seen and "cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal" in seen
+
+
 def _gpu() -> str | None:
     if not HAVE_TRT:
         return "TensorRT is not installed (not obtainable in this workplace)"
