@@ -41,7 +41,7 @@ from .head import random_head, save_head
 from .models import DEFAULT_SOURCES, Models, Source, image_spec, load_models, resolve
 from .onnx_io import export_onnx
 from .parity import FP32, REDUCED, chain_parity, compare, compare_boxes, reference_cases
-from .precision import METHODS, VARIANT_PARTS, convert
+from .precision import METHODS, VARIANT_PARTS, convert, output_projections
 from .random_init import build_random_checkpoints, size_config
 from .reference import reference_for_bundle
 
@@ -323,23 +323,37 @@ def _write_bundle(root: Path, m: Models, images, head_cfg: dict, *, progress, **
 
 
 def _variant(root: Path, name: str, precision: str, ins, outs, check_inputs, ref) -> dict:
-    """Convert one graph and gate it against the same PyTorch outputs as its FP32 graph."""
+    """Convert one graph and gate it against the same PyTorch outputs as its FP32 graph.
+    An INT8 graph that fails is tried once more with its output projections kept FP32."""
     t0 = time.perf_counter()
     rel = f"{precision}/{name}.onnx"
-    convert(precision, root / f"{name}.onnx", root / rel)
-    sess = OrtSession(root / rel, name, SessionOptions(optimization=SessionOptions.optimization_for(precision)))
-    got = sess.run({k: v.numpy() for k, v in zip(ins, check_inputs)})
-    parity = {
-        o: (compare_boxes if o == "pred_boxes" else compare)(r.numpy(), got[o], REDUCED) for o, r in zip(outs, ref)
-    }
-    return {
+    tries = [()]
+    if precision == "int8" and (keep := output_projections(root / f"{name}.onnx")):
+        tries.append(keep)
+    attempts = []
+    for keep in tries:
+        convert(precision, root / f"{name}.onnx", root / rel, keep_fp32=keep)
+        sess = OrtSession(root / rel, name, SessionOptions(optimization=SessionOptions.optimization_for(precision)))
+        got = sess.run({k: v.numpy() for k, v in zip(ins, check_inputs)})
+        parity = {
+            o: (compare_boxes if o == "pred_boxes" else compare)(r.numpy(), got[o], REDUCED) for o, r in zip(outs, ref)
+        }
+        attempts.append({"kept_fp32": list(keep), "parity": parity, "passed": all(p["passed"] for p in parity.values())})
+        if attempts[-1]["passed"]:
+            break
+    last = attempts[-1]
+    out = {
         "file": rel,
         "precision": precision,
-        "parity": parity,
-        "passed": all(p["passed"] for p in parity.values()),
+        "kept_fp32": last["kept_fp32"],  # matmul nodes left in FP32 inside this variant
+        "parity": last["parity"],
+        "passed": last["passed"],
         "used": False,  # decided by the chain gate in `_choose`
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    if len(attempts) > 1:
+        out["attempts"] = attempts
+    return out
 
 
 def _choose(root: Path, manifest: dict, precision: str, cases, progress) -> None:

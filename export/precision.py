@@ -33,6 +33,7 @@ METHODS = {
         "activations": "uint8, dynamic per call",
         "ops": ["MatMul", "Gemm"],
         "constant_weights_only": True,
+        "fallback": "a graph that fails its own gate is tried again with its output projections FP32",
     },
     "fp16": {
         "tool": "onnxruntime.transformers.float16.convert_float_to_float16",
@@ -44,17 +45,46 @@ METHODS = {
 }
 
 
-def convert(precision: str, src: Path, dst: Path) -> None:
+def convert(precision: str, src: Path, dst: Path, keep_fp32: tuple[str, ...] = ()) -> None:
+    """Write the `precision` variant of `src`; `keep_fp32` names matmul nodes left in FP32."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     if precision == "int8":
-        _int8(src, dst)
+        _int8(src, dst, keep_fp32)
     elif precision == "fp16":
+        if keep_fp32:
+            raise ValueError("FP16 variants keep ops, not nodes, in FP32")
         _fp16(src, dst)
     else:
         raise ValueError(f"no converter for {precision!r}; known: {sorted(METHODS)}")
 
 
-def _int8(src: Path, dst: Path) -> None:
+def output_projections(src: Path) -> tuple[str, ...]:
+    """The matmuls nearest to each graph output (the last projection on every path to it).
+
+    INT8's second try keeps these FP32: a head that reads out a few numbers per token (OWL-ViT's
+    logit shift, a box regressor) magnifies the trunk's quantization error least when its own
+    weights stay exact, and it costs little, because these are a small share of the FLOPs.
+    Returns () when that would leave nothing to quantize (a graph that is all projections)."""
+    import onnx
+
+    graph = onnx.load(str(src), load_external_data=False).graph
+    producer = {t: n for n in graph.node for t in n.output}
+    ops = set(METHODS["int8"]["ops"])
+    keep, seen, stack = set(), set(), [o.name for o in graph.output]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type in ops:
+            keep.add(node.name)
+        else:
+            stack.extend(node.input)
+    total = sum(n.op_type in ops for n in graph.node)
+    return tuple(sorted(keep)) if len(keep) < total else ()
+
+
+def _int8(src: Path, dst: Path, keep_fp32: tuple[str, ...] = ()) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # ORT logs a "consider pre-processing" warning on every call; it is about static quantization.
@@ -66,6 +96,7 @@ def _int8(src: Path, dst: Path) -> None:
         per_channel=True,
         reduce_range=False,  # measured: more accurate and faster than reduce_range on AVX-512 VNNI/AMX
         op_types_to_quantize=list(METHODS["int8"]["ops"]),
+        nodes_to_exclude=list(keep_fp32),
         extra_options={"MatMulConstBOnly": True},
     )
 

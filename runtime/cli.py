@@ -253,7 +253,8 @@ def _info(args) -> int:
         for prec, v in c.get("variants", {}).items():
             cos = min(x["cos_min"] for x in v["parity"].values())
             state = "used" if v["used"] else f"not used: {v.get('reason', '')}"
-            print(f"  {'':<20} {prec}  cos {cos:.6f}  {state}")
+            kept = f"  ({len(v['kept_fp32'])} output projections kept fp32)" if v.get("kept_fp32") else ""
+            print(f"  {'':<20} {prec}  cos {cos:.6f}  {state}{kept}")
     _print_chain("chain fp32", m["parity"]["chain"])
     for prec, q in m.get("precisions", {}).items():
         print(f"{prec:<10} {len(q['used'])} graphs {q['used']}; gates {q['gates']}")

@@ -142,6 +142,26 @@ def test_reduced_precision_graphs_are_gated_and_recorded(tiny_bundle, precision)
     assert m["default_precision"] == ("int8" if m["precisions"]["int8"]["used"] else "fp32")
 
 
+def test_int8_second_try_keeps_output_projections_fp32(tiny_bundle, tmp_path):
+    """OWL-ViT's image side: the trunk is quantized, the four read-out projections are not."""
+    import onnx
+    from itemrt.export.precision import convert, output_projections
+
+    src = tiny_bundle / "detector_image.onnx"
+    keep = output_projections(src)
+    assert keep == ("/box_head/dense2/MatMul", "/dense0/MatMul", "/logit_scale/MatMul", "/logit_shift/MatMul")
+    assert output_projections(tiny_bundle / "captioner_cross_kv.onnx") == ()  # all projections: no second try
+    convert("int8", src, tmp_path / "d.onnx", keep_fp32=keep)
+    nodes = {n.name: n.op_type for n in onnx.load(str(tmp_path / "d.onnx")).graph.node}
+    assert all(nodes.get(k) == "MatMul" for k in keep)  # still float matmuls
+    assert sum(op in ("MatMulInteger", "DynamicQuantizeMatMul") for op in nodes.values()) >= 8  # the trunk is int8
+    m = json.loads((tiny_bundle / "manifest.json").read_text())
+    for c in m["components"].values():  # the manifest says what each variant kept, and every try when retried
+        v = c.get("variants", {}).get("int8")
+        if v:
+            assert "kept_fp32" in v and (v["kept_fp32"] == [] or len(v["attempts"]) == 2)
+
+
 def test_fp16_graph_keeps_fp32_islands(tiny_bundle):
     """The precision is in the graph: FP16 weights, LayerNorm and softmax still FP32."""
     import onnx
