@@ -201,7 +201,7 @@ def convert_state_dict(sd: dict) -> dict:
     return out
 
 
-def image_processor(model_cfg: dict, pp: dict, image_size: int):
+def image_processor(pp: dict, image_size: int):
     """open_clip's eval transform as the transformers processor the rest of the export reads."""
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -257,4 +257,4 @@ def load_open_clip(path: Path, progress=print):
     model = CLIPModel(CLIPConfig(**cfg))
     model.load_state_dict(converted, strict=True)
     image_size = cfg["vision_config"]["image_size"]
-    return model.eval(), tokenizer, image_processor(model_cfg, pp, image_size)
+    return model.eval(), tokenizer, image_processor(pp, image_size)

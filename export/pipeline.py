@@ -327,11 +327,9 @@ def _variant(root: Path, name: str, precision: str, ins, outs, check_inputs, ref
     An INT8 graph that fails is tried once more with its output projections kept FP32."""
     t0 = time.perf_counter()
     rel = f"{precision}/{name}.onnx"
-    tries = [()]
-    if precision == "int8" and (keep := output_projections(root / f"{name}.onnx")):
-        tries.append(keep)
     attempts = []
-    for keep in tries:
+
+    def attempt(keep: tuple[str, ...]) -> dict:
         convert(precision, root / f"{name}.onnx", root / rel, keep_fp32=keep)
         sess = OrtSession(root / rel, name, SessionOptions(optimization=SessionOptions.optimization_for(precision)))
         got = sess.run({k: v.numpy() for k, v in zip(ins, check_inputs)})
@@ -339,9 +337,11 @@ def _variant(root: Path, name: str, precision: str, ins, outs, check_inputs, ref
             o: (compare_boxes if o == "pred_boxes" else compare)(r.numpy(), got[o], REDUCED) for o, r in zip(outs, ref)
         }
         attempts.append({"kept_fp32": list(keep), "parity": parity, "passed": all(p["passed"] for p in parity.values())})
-        if attempts[-1]["passed"]:
-            break
-    last = attempts[-1]
+        return attempts[-1]
+
+    last = attempt(())
+    if not last["passed"] and precision == "int8" and (keep := output_projections(root / f"{name}.onnx")):
+        last = attempt(keep)
     out = {
         "file": rel,
         "precision": precision,

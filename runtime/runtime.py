@@ -114,9 +114,7 @@ class Runtime:
             if plans and name in plans["plans"]:
                 rec = plans["plans"][name]
                 self.precisions[name] = rec["precision"]
-                # the decoder's K/V cache ping-pongs between two scratch buffers (tensorrt.DeviceKV)
-                scratch = {"kv~0": "present_kv", "kv~1": "present_kv"} if name == "captioner_decoder" else None
-                self.sessions[name] = TrtSession(b.file(rec["file"]), name, rebuild_command(b.root, plans["settings"]), scratch)
+                self.sessions[name] = TrtSession(b.file(rec["file"]), name, rebuild_command(b.root, plans["settings"]))
                 return self.sessions[name]
             path, prec = b.component_path(name, self.precision)
             self.precisions[name] = prec

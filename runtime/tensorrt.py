@@ -89,7 +89,7 @@ class _Worker:
         shapes.update({n: (tuple(self.ctx.get_tensor_shape(n)), dtypes[n]) for n in outputs})
         shapes.update({n: (shapes[like][0], dtypes[like]) for n, like in (extra or {}).items()})  # scratch twins
         self.plan = BufferPlan.for_shapes(shapes)
-        self.graphs: dict[tuple, object] = {}  # (input shapes, addresses) -> instantiated CUDA graph
+        self.graphs: dict[tuple, object] = {}  # caller's key (fixing shapes and addresses) -> CUDA graph exec
         self.graphable = True
         self.device = _check(cudart.cudaMalloc(self.plan.total))
         self.host = _check(cudart.cudaMallocHost(self.plan.total))
@@ -172,7 +172,7 @@ class _Worker:
 class TrtSession:
     """`run(feeds) -> outputs by name`, like OrtSession, on a TensorRT plan."""
 
-    def __init__(self, path: Path, name: str, rebuild: str, scratch: dict[str, str] | None = None):
+    def __init__(self, path: Path, name: str, rebuild: str):
         trt = import_tensorrt()
         self.name, self.rebuild = name, rebuild
         self._logger = trt.Logger(trt.Logger.WARNING)
@@ -187,7 +187,8 @@ class TrtSession:
         self.inputs = {n: np.dtype(self.dtypes[n]).type for n in names if is_input[n]}
         self.outputs = [n for n in names if not is_input[n]]
         self.profile = {n: tuple(tuple(s) for s in engine.get_tensor_profile_shape(n, 0)) for n in self.inputs}
-        self._scratch = scratch or {}  # extra per-worker device buffers shaped like a tensor
+        # a decoder plan (it returns its K/V cache) gets DeviceKV's two cache buffers per worker
+        self._scratch = {b: "present_kv" for b in DeviceKV.BUFFERS} if "present_kv" in self.outputs else {}
         self._local = threading.local()
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
@@ -248,13 +249,15 @@ class DeviceKV:
     fixed per (batch, t), so the graph stays valid while the worker lives.
     """
 
+    BUFFERS = ("kv~0", "kv~1")  # scratch slots of the decoder's workers, shaped like present_kv
+
     def __init__(self, session: TrtSession, worker: _Worker, cross_k: np.ndarray, cross_v: np.ndarray, kv_shape):
         self.s, self.w, self.t = session, worker, 0
         self.kv_shape = tuple(kv_shape)  # (layers, 2, batch, heads, 0, head_dim): axis 4 grows
         for name, x in (("cross_k", cross_k), ("cross_v", cross_v)):
             session._set_shape(worker, name, x.shape)
             worker.upload(name, np.ascontiguousarray(x, dtype=worker.plan.slots[name].dtype))
-        self.buffers = (worker.address("kv~0"), worker.address("kv~1"))
+        self.buffers = tuple(worker.address(b) for b in self.BUFFERS)
 
     def step(self, ids: np.ndarray) -> np.ndarray:
         s, w, t = self.s, self.w, self.t
