@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import numpy as np
+from itemrt.recipe import Pairs
 from PIL import Image
 
 
@@ -117,11 +119,25 @@ def reference_cases(reference, images: list[Image.Image], probe_words: list[str]
     return cases
 
 
-def chain_parity(runtime, cases: list[Case], gates: Gates = FP32) -> dict:
+@dataclass
+class ChainParity:
+    """A chain's parity report (JSON, for the manifest) and, per case, the pairs its head read."""
+
+    report: dict
+    pairs: list[Pairs]
+
+    @property
+    def passed(self) -> bool:
+        return self.report["passed"]
+
+
+def chain_parity(runtime, cases: list[Case], gates: Gates = FP32) -> ChainParity:
     """The runtime on every case; embeddings compared through the runtime's own stages."""
-    rows = []
+    rows, pairs = [], []
     for c in cases:
-        res = runtime.detect(c.image, words=c.words)
+        a = runtime.analyze_batch([c.image], words=c.words)[0]
+        res = a.result
+        pairs.append(a.pairs)
         row = image_parity(res, c.ref)
         row["embed_cos_min"] = min(_embed_cos(runtime, c.image, res, c.ref))
         rows.append(row)
@@ -143,7 +159,62 @@ def chain_parity(runtime, cases: list[Case], gates: Gates = FP32) -> dict:
         and summary["box_iou_min"] >= gates.iou_min and summary["embed_cos_min"] >= gates.cos_min
         and (gates.p_fake_max is None or summary["p_fake_abs_diff_max"] <= gates.p_fake_max)
     )
-    return {"passed": bool(passed), "summary": summary, "gates": gates.to_dict(), "images": rows}
+    return ChainParity({"passed": bool(passed), "summary": summary, "gates": gates.to_dict(), "images": rows}, pairs)
+
+
+# The pairs each chain's head read on the parity cases, kept in the bundle so that a head
+# trained later is checked on exactly the inputs the chain gates saw (`head_check`).
+CHAIN_PAIRS = "parity/chain_pairs.npz"
+REFERENCE = "reference"
+
+
+def save_chain_pairs(path: Path, chains: dict[str, list[Pairs]]) -> None:
+    """`chains`: label ("reference", "fp32", "int8", ...) -> one Pairs per parity case."""
+    arrays = {
+        f"{label}.{i}.{f.name}": np.asarray(getattr(p, f.name))
+        for label, ps in chains.items()
+        for i, p in enumerate(ps)
+        for f in fields(Pairs)
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+
+
+def load_chain_pairs(path: Path) -> dict[str, list[Pairs]]:
+    grouped: dict[str, dict[int, dict]] = {}
+    with np.load(path, allow_pickle=False) as z:
+        for key in z.files:
+            label, i, name = key.rsplit(".", 2)
+            grouped.setdefault(label, {}).setdefault(int(i), {})[name] = z[key]
+    return {
+        label: [Pairs(**{**cases[i], "max_objects": int(cases[i]["max_objects"])}) for i in sorted(cases)]
+        for label, cases in grouped.items()
+    }
+
+
+def head_check(chains: dict[str, list[Pairs]], p_fake, threshold: float) -> dict:
+    """A head on every chain's stored pairs against the reference's: decisions, |Δp(fake)|,
+    gated as the chain was at export (FP32: |Δp| too; reduced precisions: decisions).
+
+    `p_fake(list[Pairs]) -> (n,) array` is the head as deployed."""
+    ref = np.asarray(p_fake(chains[REFERENCE]), np.float64)
+    out = {}
+    for label, pairs in chains.items():
+        if label == REFERENCE:
+            continue
+        got = np.asarray(p_fake(pairs), np.float64)
+        diff = float(np.abs(got - ref).max())
+        decisions = bool(np.all((got >= threshold) == (ref >= threshold)))
+        g = FP32 if label == "fp32" else REDUCED
+        out[label] = {
+            "passed": decisions and (g.p_fake_max is None or diff <= g.p_fake_max),
+            "decisions_equal": decisions,
+            "p_fake_abs_diff_max": diff,
+            "threshold": threshold,
+            "p_fake_reference": ref.tolist(),
+            "p_fake": got.tolist(),
+        }
+    return out
 
 
 def _embed_cos(runtime, img, res, ref) -> list[float]:

@@ -40,7 +40,18 @@ from . import graphs
 from .head import random_head, save_head
 from .models import DEFAULT_SOURCES, Models, Source, image_spec, load_models, resolve
 from .onnx_io import export_onnx
-from .parity import FP32, REDUCED, chain_parity, compare, compare_boxes, reference_cases
+from .parity import (
+    CHAIN_PAIRS,
+    FP32,
+    REDUCED,
+    REFERENCE,
+    ChainParity,
+    chain_parity,
+    compare,
+    compare_boxes,
+    reference_cases,
+    save_chain_pairs,
+)
 from .precision import METHODS, VARIANT_PARTS, convert, output_projections
 from .random_init import build_random_checkpoints, size_config
 from .reference import reference_for_bundle
@@ -123,14 +134,16 @@ def export_bundle(
         cases = reference_cases(reference, images, list(PROBE_WORDS[:max_objects]))
         with Runtime(tmp, precision="fp32", verify=False) as rt:
             chain = chain_parity(rt, cases, FP32)
-        manifest["parity"]["chain"] = chain
+        manifest["parity"]["chain"] = chain.report
         _save_manifest(tmp, manifest)
-        if not chain["passed"]:
-            raise ParityError(f"the runtime chain does not match the reference: {json.dumps(chain['summary'])}")
+        if not chain.passed:
+            raise ParityError(f"the runtime chain does not match the reference: {json.dumps(chain.report['summary'])}")
+        pairs = {REFERENCE: [c.ref.pairs for c in cases], "fp32": chain.pairs}
         for precision in precisions:
-            _choose(tmp, manifest, precision, cases, progress)
-        used = manifest.get("precisions", {}).get("int8", {}).get("used")
-        manifest["default_precision"] = "int8" if used else "fp32"  # FP16 is for GPUs, never the CPU default
+            if (chosen := _choose(tmp, manifest, precision, cases, progress)) is not None:
+                pairs[precision] = chosen.pairs
+        save_chain_pairs(tmp / CHAIN_PAIRS, pairs)
+        manifest["default_precision"] = default_precision(manifest)
         manifest["export_seconds"] = round(time.perf_counter() - t_start, 1)
         _save_manifest(tmp, manifest)
         if out.exists():
@@ -356,38 +369,48 @@ def _variant(root: Path, name: str, precision: str, ins, outs, check_inputs, ref
     return out
 
 
-def _choose(root: Path, manifest: dict, precision: str, cases, progress) -> None:
+def default_precision(manifest: dict) -> str:
+    """INT8 where the chain gate let any INT8 graph through and, once a head is trained, that
+    head still makes the reference's decisions on the INT8 chain; FP16 is for GPUs, never
+    the CPU default."""
+    used = manifest.get("precisions", {}).get("int8", {}).get("used")
+    check = (manifest["head"].get("chain_check") or {}).get("int8", {})
+    return "int8" if used and check.get("decisions_equal", True) else "fp32"
+
+
+def _choose(root: Path, manifest: dict, precision: str, cases, progress) -> ChainParity | None:
     """Use the `precision` graphs whose chain keeps tokens, words, boxes and decisions.
 
     All graphs that passed their own gate are tried together; if the chain fails, each is
     tried alone, and the set of those that pass alone is shrunk, worst graph first, until
-    the chain passes. The bundle records every attempt; unused files are deleted.
+    the chain passes. The bundle records every attempt; unused files are deleted. Returns
+    the passing chain's parity (None when no graph is used).
     """
     comps = manifest["components"]
     variants = {n: c["variants"][precision] for n, c in comps.items() if precision in c.get("variants", {})}
     attempts = []
 
-    def attempt(names: list[str]) -> dict:
+    def attempt(names: list[str]) -> ChainParity:
         for n, v in variants.items():
             v["used"] = n in names
         _save_manifest(root, manifest)
         with Runtime(root, precision=precision, verify=False) as rt:
-            report = chain_parity(rt, cases, REDUCED)
-        attempts.append({"components": names, "passed": report["passed"], "summary": report["summary"]})
-        progress(f"{precision} chain with {names or 'none'}: " + ("ok" if report["passed"] else "FAILED"))
-        return report
+            chain = chain_parity(rt, cases, REDUCED)
+        attempts.append({"components": names, "passed": chain.passed, "summary": chain.report["summary"]})
+        progress(f"{precision} chain with {names or 'none'}: " + ("ok" if chain.passed else "FAILED"))
+        return chain
 
     def worst_cos(n: str) -> float:
         return min(p["cos_min"] for p in variants[n]["parity"].values())
 
     chosen = [n for n, v in variants.items() if v["passed"]]
-    report = attempt(chosen) if chosen else None
-    if report is not None and not report["passed"]:
-        chosen = [n for n in chosen if attempt([n])["passed"]]
-        report = attempt(chosen) if chosen else None
-        while report is not None and not report["passed"]:
+    chain = attempt(chosen) if chosen else None
+    if chain is not None and not chain.passed:
+        chosen = [n for n in chosen if attempt([n]).passed]
+        chain = attempt(chosen) if chosen else None
+        while chain is not None and not chain.passed:
             chosen.remove(min(chosen, key=worst_cos))
-            report = attempt(chosen) if chosen else None
+            chain = attempt(chosen) if chosen else None
     for n, v in variants.items():
         v["used"] = n in chosen
         if not v["used"]:
@@ -397,9 +420,10 @@ def _choose(root: Path, manifest: dict, precision: str, cases, progress) -> None
         "method": METHODS[precision],
         "gates": REDUCED.to_dict(),
         "used": chosen,
-        "chain": report,
+        "chain": chain.report if chain else None,
         "attempts": attempts,
     }
+    return chain
 
 
 def _build_bank(root: Path, tok_specs: dict, query_template: str, word_template: str) -> dict[str, np.ndarray]:

@@ -36,6 +36,7 @@ class ReferenceResult:
     image_embeds: np.ndarray  # [I0, crops of found words]
     text_embeds: np.ndarray  # [caption, found words]
     p_fake: float
+    pairs: Pairs  # what the head read: kept so a later head can be checked on the same inputs
     timings_ms: dict[str, float] = field(default_factory=dict)
     gpu_ms: dict[str, float] = field(default_factory=dict)  # CUDA-event time per stage, on a GPU only
 
@@ -123,7 +124,7 @@ class ReferenceChain:
         p = float(self.head(feats)[0])
         tick("head", t0)
         t["total"] = sum(t.values())
-        return ReferenceResult(caption, tokens, words, found, scores, boxes, image_embeds, text_embeds, p, t, gpu)
+        return ReferenceResult(caption, tokens, words, found, scores, boxes, image_embeds, text_embeds, p, pairs, t, gpu)
 
     def _pixels(self, px: torch.Tensor) -> torch.Tensor:
         return px.to(device=self.device, dtype=self.dtype)

@@ -31,8 +31,8 @@ from . import metrics
 from .evaluate import head_p_fake, markdown_table
 from .head import MLPHead, save_head
 from .onnx_io import export_onnx
-from .parity import FP32, compare
-from .pipeline import ParityError
+from .parity import CHAIN_PAIRS, FP32, compare, head_check, load_chain_pairs
+from .pipeline import ParityError, default_precision
 
 
 @dataclass
@@ -213,6 +213,7 @@ def _install(bundle: Bundle, head: MLPHead, x: np.ndarray, p: np.ndarray, cfg: T
         report["parity"] = entry["parity"]["p_fake"]
         if not entry["parity"]["p_fake"]["passed"]:
             raise ParityError(f"trained head: ONNX differs from PyTorch: {entry['parity']['p_fake']}")
+        report["chain_check"] = _chain_check(root, tmp / entry["file"], cfg.recipe, report["threshold"], progress)
         save_head(head, tmp / f"{stem}.safetensors")
         (tmp / TRAINING_DIR).mkdir()
         report_rel = f"{TRAINING_DIR}/{stem}.json"
@@ -238,10 +239,9 @@ def _install(bundle: Bundle, head: MLPHead, x: np.ndarray, p: np.ndarray, cfg: T
         "seed": cfg.seed,
         "trained_at": report["trained_at"],
         "features": report["features"],
-        "note": "parity.chain's p(fake) numbers were measured at export with the placeholder head; "
-                "this head's own ONNX-vs-PyTorch parity is in components.head.parity",
         **head.spec,
     }
+    _record_chain_check(manifest, report["chain_check"], progress)
     manifest["files"] = files
     write_manifest(root, manifest)
     for rel in old - set(files):
@@ -257,11 +257,45 @@ def calibrate(features_dir: str | Path, bundle_dir: str | Path, target_fpr: floa
     p = head_p_fake(bundle, f, val)
     y = f.columns["label"][val]
     threshold, cal = calibrate_threshold(p, y, target_fpr)
+    progress(f"calibrate: {calibration_line(cal)}")
     manifest = copy.deepcopy(bundle.manifest)
     manifest["head"].update(threshold=threshold, calibration=cal)
+    check = _chain_check(bundle.root, bundle.component_path("head")[0], manifest["head"]["recipe"], threshold, progress)
+    _record_chain_check(manifest, check, progress)
     write_manifest(bundle.root, manifest)
-    progress(f"calibrate: {calibration_line(cal)}")
     return cal
+
+
+def _chain_check(root: Path, head_onnx: Path, recipe_name: str, threshold: float, progress) -> dict | None:
+    """The head, as deployed, on the pairs each chain's head read at export (parity.head_check):
+    the export's chain gates ran with the placeholder head, so their decisions say nothing
+    about this one. None for a bundle exported before the pairs were kept."""
+    path = root / CHAIN_PAIRS
+    if not path.is_file():
+        return None
+    features, _ = recipe(recipe_name)
+    sess = OrtSession(head_onnx, "head", SessionOptions())
+
+    def p_fake(pairs) -> np.ndarray:
+        return sess.run({"features": np.stack([features(q) for q in pairs])})["p_fake"].reshape(-1)
+
+    check = head_check(load_chain_pairs(path), p_fake, threshold)
+    for label, c in check.items():
+        progress(f"check: {label} chain vs reference on the export's parity cases with this head: decisions "
+                 f"{'equal' if c['decisions_equal'] else 'DIFFER'}, |dp| max {c['p_fake_abs_diff_max']:.1e}"
+                 + ("" if c["passed"] else " (FAILED)"))
+    return check
+
+
+def _record_chain_check(manifest: dict, check: dict | None, progress) -> None:
+    """Keep the check in the manifest; the default precision follows it (`default_precision`)."""
+    manifest["head"]["chain_check"] = check  # None: `item info` says it could not be checked
+    before, after = manifest.get("default_precision"), default_precision(manifest)
+    manifest["default_precision"] = after
+    if before != after:
+        why = ("the INT8 chain changes this head's decisions on the parity cases; --precision int8 still runs it"
+               if after == "fp32" else "the INT8 chain keeps this head's decisions again")
+        progress(f"check: default precision {before} -> {after} ({why})")
 
 
 def training_markdown(report: dict) -> str:

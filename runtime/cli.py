@@ -260,8 +260,22 @@ def _info(args) -> int:
         print(f"{prec:<10} {len(q['used'])} graphs {q['used']}; gates {q['gates']}")
         if q["chain"]:
             _print_chain(f"chain {prec}", q["chain"])
+    if h["trained"] or "chain_check" in h:
+        _print_chain_check(h.get("chain_check"))
     print(f"default    precision {b.default_precision}; available {b.precisions()}")
     return 0
+
+
+def _print_chain_check(check: dict | None) -> None:
+    """The chain lines above were measured at export with the placeholder head; this is the
+    installed head on the same cases' pairs."""
+    if check is None:
+        print("head check NOT DONE: the bundle keeps no parity pairs (exported by an older itemrt); re-export to check")
+        return
+    for label, c in check.items():
+        print(f"head check {label} chain with this head: decisions equal {c['decisions_equal']}, "
+              f"|dp| max {c['p_fake_abs_diff_max']:.1e} at threshold {c['threshold']:.6g}"
+              + ("" if c["passed"] else "  FAILED"))
 
 
 def _print_chain(label: str, chain: dict) -> None:

@@ -24,7 +24,7 @@ def _test_images(samples):
 
 
 def test_runtime_matches_reference_chain(runtime, reference, samples):
-    report = chain_parity(runtime, reference_cases(reference, _test_images(samples), ["dog", "car"]))
+    report = chain_parity(runtime, reference_cases(reference, _test_images(samples), ["dog", "car"])).report
     s = report["summary"]
     assert s["images"] == 12
     assert s["tokens_total"] > 0 and s["words_total"] > 0 and s["found_total"] > 0, "chain not exercised"
@@ -105,7 +105,7 @@ def test_caption_without_object_words(tiny_bundle, reference, samples):
         rt.vocabulary = nothing
         reference.vocabulary, saved = nothing, reference.vocabulary
         try:
-            report = chain_parity(rt, reference_cases(reference, [load_image(p) for p in samples[:2]]))
+            report = chain_parity(rt, reference_cases(reference, [load_image(p) for p in samples[:2]])).report
         finally:
             reference.vocabulary = saved
         r = rt.detect(samples[0])
@@ -195,7 +195,7 @@ def test_reduced_runtime_keeps_the_reference_decisions(tiny_bundle, reference, s
     with Runtime(tiny_bundle, precision=precision) as rt:
         assert {n for n, p in rt.precisions.items() if p == precision} == set(used)
         cases = reference_cases(reference, [load_image(p) for p in samples], ["cup", "person"])
-        report = chain_parity(rt, cases, REDUCED)
+        report = chain_parity(rt, cases, REDUCED).report
     s = report["summary"]
     assert s["tokens_equal"] and s["words_equal"] and s["decisions_equal"], s
     assert s["embed_cos_min"] >= REDUCED.cos_min, s

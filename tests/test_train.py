@@ -3,6 +3,7 @@ classes differ in a learnable way (fakes: cooler colours and pixel noise), with 
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -250,6 +251,51 @@ def test_runtime_uses_the_trained_head(trained, bundle, features):
         assert r.trained and r.threshold == 0.5
         assert abs(r.p_fake - head_p_fake(rt.bundle, f, np.array([i]))[0]) <= 1e-5
         assert r.caption == str(f.columns["caption"][i])
+
+
+def test_head_check_equals_a_full_rerun_with_the_trained_head(trained, bundle, samples):
+    """The export's chain gates ran with the placeholder head; training re-checks every chain
+    on the pairs kept at export. Re-running the reference chain and each runtime chain with
+    the trained head must give the same p(fake) numbers."""
+    from itemrt.export.parity import reference_cases
+    from itemrt.export.pipeline import PROBE_WORDS
+    from itemrt.export.reference import reference_for_bundle
+    from itemrt.images import load_image
+
+    m = Bundle.open(bundle).manifest
+    check = m["head"]["chain_check"]
+    used = [p for p, q in m["precisions"].items() if q["used"]]
+    assert used and set(check) == {"fp32", *used}
+    assert all(c["threshold"] == m["head"]["threshold"] for c in check.values())
+    reference = reference_for_bundle(bundle)  # loads the trained head from the manifest
+    cases = reference_cases(reference, [load_image(p) for p in samples], list(PROBE_WORDS[: m["words"]["max_objects"]]))
+    ref = np.array([c.ref.p_fake for c in cases])
+    assert ref.std() > 0.01  # the trained head, not the placeholder's near-constant output
+    for label, c in check.items():
+        assert np.abs(np.array(c["p_fake_reference"]) - ref).max() <= 1e-5
+        with Runtime(bundle, precision=label) as rt:
+            got = np.array([rt.detect(k.image, words=k.words).p_fake for k in cases])
+        assert np.abs(np.array(c["p_fake"]) - got).max() <= 1e-5, label
+        assert c["decisions_equal"] == bool(np.all((got >= c["threshold"]) == (ref >= c["threshold"])))
+
+
+def test_head_check_moves_the_default_off_int8_when_decisions_differ(trained, bundle):
+    from itemrt.export.train import _chain_check, _record_chain_check
+
+    b = Bundle.open(bundle)
+    m = copy.deepcopy(b.manifest)
+    c = m["head"]["chain_check"]["int8"]
+    ref, got = np.array(c["p_fake_reference"]), np.array(c["p_fake"])
+    i = int(np.abs(got - ref).argmax())
+    assert got[i] != ref[i]
+    between = (got[i] + ref[i]) / 2  # a threshold that splits the two chains on one case
+    msgs = []
+    check = _chain_check(bundle, b.component_path("head")[0], m["head"]["recipe"], between, msgs.append)
+    assert not check["int8"]["decisions_equal"] and not check["int8"]["passed"]
+    _record_chain_check(m, check, msgs.append)
+    assert m["default_precision"] == "fp32" and any("default precision int8 -> fp32" in s for s in msgs)
+    _record_chain_check(m, b.manifest["head"]["chain_check"], msgs.append)
+    assert m["default_precision"] == "int8"
 
 
 def test_recipe_ablations_train(features, tiny_bundle, tmp_path):
