@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import OrtSession
-from .tensorrt import TrtSession
+from .tensorrt import DeviceArray, TrtSession
 from .text import TextTokenizer
 
 
@@ -50,17 +50,24 @@ class Captioner:
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         return self.vision.run({"pixel_values": pixels})["image_embeds"]
 
-    def cross_kv(self, image_embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = self.cross.run({"image_embeds": image_embeds})
+    def cross_kv(self, image_embeds: np.ndarray) -> tuple[np.ndarray | DeviceArray, np.ndarray | DeviceArray]:
+        """On TensorRT, K/V stay on the GPU for the decoder plan (`generate` on this thread)."""
+        feeds = {"image_embeds": image_embeds}
+        out = self.cross.run_on_device(feeds) if self._on_device else self.cross.run(feeds)
         return out["cross_k"], out["cross_v"]
 
-    def generate(self, cross_k: np.ndarray, cross_v: np.ndarray, max_new_tokens: int | None = None) -> Captions:
-        """Greedy decoding, the same as `generate(do_sample=False, num_beams=1)` of the reference."""
+    @property
+    def _on_device(self) -> bool:
+        return isinstance(self.cross, TrtSession) and isinstance(self.decoder, TrtSession)
+
+    def generate(self, cross_k, cross_v, max_new_tokens: int | None = None) -> Captions:
+        """Greedy decoding, the same as `generate(do_sample=False, num_beams=1)` of the reference.
+        `cross_k`, `cross_v`: what `cross_kv` returned, on this thread."""
         s = self.spec
         limit = s.max_new_tokens if max_new_tokens is None else max_new_tokens
         batch = cross_k.shape[1]
         kv_shape = (s.layers, 2, batch, s.heads, 0, s.head_dim)
-        if isinstance(self.decoder, TrtSession):  # the cache stays on the GPU
+        if self._on_device:  # the cache stays on the GPU
             kv = self.decoder.kv_loop(cross_k, cross_v, kv_shape)
         else:
             kv = HostKV(self.decoder, cross_k, cross_v, kv_shape)

@@ -6,9 +6,10 @@ one device allocation and one pinned host allocation laid out by `BufferPlan` fo
 profile's largest shapes (TensorRT contexts are not thread-safe, buffers are reused across
 calls). Independent stages that run on different threads therefore run on different streams.
 
-The captioner's decoder does not go through `run`: `kv_loop` keeps the image's cross K/V and
-the growing self-attention K/V on the GPU for the whole caption (uploaded once, ping-ponged
-between two device buffers), so a step moves only token ids in and logits out, and each
+The captioner's decoder does not go through `run`: `kv_loop` keeps the image's cross K/V (read
+in place from the cross-K/V plan's outputs, `run_on_device`) and the growing self-attention
+K/V (ping-ponged between two device buffers) on the GPU for the whole caption, so a step moves
+only token ids in and logits out, and each
 step's enqueue is captured once per (batch, past length) as a CUDA graph and replayed.
 
 Written to the TensorRT 10.x / 11.x Python API (`num_io_tensors`, `get_tensor_name/mode/
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -214,21 +216,34 @@ class TrtSession:
         return shape
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        w = self._enqueue(feeds)
+        shapes = {name: self._output_shape(w, name) for name in outputs or self.outputs}
+        for name, shape in shapes.items():
+            w.download(name, shape)
+        _check(_cudart().cudaStreamSynchronize(w.stream))
+        return {name: w.view(name, shape).copy() for name, shape in shapes.items()}
+
+    def run_on_device(self, feeds: dict[str, np.ndarray]) -> dict[str, DeviceArray]:
+        """Like `run`, but the outputs stay in this thread's worker buffers, finished (the
+        stream is synchronized) and valid until this session runs again on this thread."""
+        w = self._enqueue(feeds)
+        _check(_cudart().cudaStreamSynchronize(w.stream))
+        return {
+            name: DeviceArray(w.address(name), self._output_shape(w, name), w.plan.slots[name].dtype)
+            for name in self.outputs
+        }
+
+    def _enqueue(self, feeds: dict[str, np.ndarray]) -> _Worker:
         check_feeds(self.name, self.inputs, feeds)
-        cudart = _cudart()
         w = self._worker()
         for name, x in feeds.items():
             self._set_shape(w, name, x.shape)
             w.upload(name, x)
         if not w.execute():
             raise RuntimeError(f"{self.name}: TensorRT execution failed")
-        shapes = {name: self._output_shape(w, name) for name in outputs or self.outputs}
-        for name, shape in shapes.items():
-            w.download(name, shape)
-        _check(cudart.cudaStreamSynchronize(w.stream))
-        return {name: w.view(name, shape).copy() for name, shape in shapes.items()}
+        return w
 
-    def kv_loop(self, cross_k: np.ndarray, cross_v: np.ndarray, kv_shape: tuple[int, ...]) -> DeviceKV:
+    def kv_loop(self, cross_k: DeviceArray, cross_v: DeviceArray, kv_shape: tuple[int, ...]) -> DeviceKV:
         """Greedy-decoding state for the captioner's decoder plan (see DeviceKV)."""
         return DeviceKV(self, self._worker(), cross_k, cross_v, kv_shape)
 
@@ -239,10 +254,21 @@ class TrtSession:
             self._workers.clear()
 
 
+@dataclass(frozen=True)
+class DeviceArray:
+    """A tensor left on the GPU by `TrtSession.run_on_device`."""
+
+    address: int
+    shape: tuple[int, ...]
+    dtype: str
+
+
 class DeviceKV:
     """One caption's decoder state on the GPU, with the step protocol of `captioner.HostKV`.
 
-    Cross K/V are uploaded once. The self-attention cache alternates between the scratch
+    Cross K/V are read in place from the cross-K/V plan's output buffers (same thread, so
+    the addresses are fixed and no later image overwrites them mid-caption): nothing is
+    copied. The self-attention cache alternates between the scratch
     buffers kv~0 and kv~1 (each sized for the longest `present_kv`): step t reads t positions
     from one and writes t + 1 to the other, so nothing but ids and logits crosses the bus.
     Each (batch, t) enqueue is a CUDA graph after its first use; the addresses it binds are
@@ -251,12 +277,17 @@ class DeviceKV:
 
     BUFFERS = ("kv~0", "kv~1")  # scratch slots of the decoder's workers, shaped like present_kv
 
-    def __init__(self, session: TrtSession, worker: _Worker, cross_k: np.ndarray, cross_v: np.ndarray, kv_shape):
+    def __init__(self, session: TrtSession, worker: _Worker, cross_k: DeviceArray, cross_v: DeviceArray, kv_shape):
         self.s, self.w, self.t = session, worker, 0
         self.kv_shape = tuple(kv_shape)  # (layers, 2, batch, heads, 0, head_dim): axis 4 grows
         for name, x in (("cross_k", cross_k), ("cross_v", cross_v)):
+            if x.dtype != session.dtypes[name]:  # both plans keep FP32 I/O; a mix means a stale build
+                raise BundleVersionError(
+                    f"{session.name}: {name} is {session.dtypes[name]} but the cross-K/V plan gives {x.dtype}; "
+                    f"rebuild: {session.rebuild}"
+                )
             session._set_shape(worker, name, x.shape)
-            worker.upload(name, np.ascontiguousarray(x, dtype=worker.plan.slots[name].dtype))
+            worker.ctx.set_tensor_address(name, x.address)
         self.buffers = tuple(worker.address(b) for b in self.BUFFERS)
 
     def step(self, ids: np.ndarray) -> np.ndarray:
