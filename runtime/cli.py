@@ -120,10 +120,15 @@ def main(argv: list[str] | None = None) -> int:
 
     args = p.parse_args(argv)
     try:
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return rc
     except ItemError as err:
         print(f"item: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `item info B | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
 
 
 def _detect(args) -> int:

@@ -56,3 +56,12 @@ def test_info(tiny_bundle):
 def test_missing_bundle_is_a_clear_error(tmp_path, samples):
     r = _item("detect", "--bundle", tmp_path / "nope", samples[0])
     assert r.returncode == 2 and "BundleNotFoundError" in r.stderr and "item export" in r.stderr
+
+
+def test_a_reader_that_leaves_early_is_not_an_error(tiny_bundle):
+    """`item info B | head -1`: the pipe closes under the writer; no traceback, exit 0."""
+    p = subprocess.Popen([sys.executable, "-m", "itemrt.cli", "info", str(tiny_bundle)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before anything is written
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 0 and not err, err
