@@ -260,11 +260,12 @@ def _info(args) -> int:
             state = "used" if v["used"] else f"not used: {v.get('reason', '')}"
             kept = f"  ({len(v['kept_fp32'])} output projections kept fp32)" if v.get("kept_fp32") else ""
             print(f"  {'':<20} {prec}  cos {cos:.6f}  {state}{kept}")
-    _print_chain("chain fp32", m["parity"]["chain"])
+    at = " (at export, placeholder head)" if h["trained"] else ""
+    _print_chain("chain fp32", m["parity"]["chain"], at)
     for prec, q in m.get("precisions", {}).items():
         print(f"{prec:<10} {len(q['used'])} graphs {q['used']}; gates {q['gates']}")
         if q["chain"]:
-            _print_chain(f"chain {prec}", q["chain"])
+            _print_chain(f"chain {prec}", q["chain"], at)
     if h["trained"] or "chain_check" in h:
         _print_chain_check(h.get("chain_check"))
     print(f"default    precision {b.default_precision}; available {b.precisions()}")
@@ -283,12 +284,12 @@ def _print_chain_check(check: dict | None) -> None:
               + ("" if c["passed"] else "  FAILED"))
 
 
-def _print_chain(label: str, chain: dict) -> None:
+def _print_chain(label: str, chain: dict, note: str = "") -> None:
     ch = chain["summary"]
     print(
         f"{label} vs PyTorch reference on {ch['images']} runs: tokens equal {ch['tokens_equal']}, "
         f"words equal {ch['words_equal']}, box IoU min {ch['box_iou_min']:.4f}, embedding cos min "
-        f"{ch['embed_cos_min']:.6f}, |dp| max {ch['p_fake_abs_diff_max']:.1e}, decisions equal {ch['decisions_equal']}"
+        f"{ch['embed_cos_min']:.6f}, |dp| max {ch['p_fake_abs_diff_max']:.1e}, decisions equal {ch['decisions_equal']}{note}"
     )
 
 

@@ -253,7 +253,7 @@ def test_runtime_uses_the_trained_head(trained, bundle, features):
         assert r.caption == str(f.columns["caption"][i])
 
 
-def test_head_check_equals_a_full_rerun_with_the_trained_head(trained, bundle, samples):
+def test_head_check_equals_a_full_rerun_with_the_trained_head(trained, bundle, samples, capsys):
     """The export's chain gates ran with the placeholder head; training re-checks every chain
     on the pairs kept at export. Re-running the reference chain and each runtime chain with
     the trained head must give the same p(fake) numbers."""
@@ -277,6 +277,11 @@ def test_head_check_equals_a_full_rerun_with_the_trained_head(trained, bundle, s
             got = np.array([rt.detect(k.image, words=k.words).p_fake for k in cases])
         assert np.abs(np.array(c["p_fake"]) - got).max() <= 1e-5, label
         assert c["decisions_equal"] == bool(np.all((got >= c["threshold"]) == (ref >= c["threshold"])))
+    capsys.readouterr()
+    assert item(["info", str(bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "(at export, placeholder head)" in out
+    assert all(f"head check {label} chain with this head" in out for label in check)
 
 
 def test_head_check_moves_the_default_off_int8_when_decisions_differ(trained, bundle):
