@@ -9,7 +9,13 @@ from pathlib import Path
 from itemrt.errors import WeightsNotFoundError
 from itemrt.preprocess import RESAMPLE_NAMES, ImageSpec
 
-from .open_clip import CONFIG_NAME, is_open_clip_folder, load_open_clip
+from .open_clip import (
+    CONFIG_NAME,
+    checkpoint_format,
+    load_open_clip,
+    load_openai,
+    openai_archive,
+)
 
 DEFAULT_SOURCES = {
     "captioner": "Salesforce/blip-image-captioning-base",
@@ -28,20 +34,22 @@ class Source:
 
     @classmethod
     def from_dict(cls, d: dict) -> Source:
-        return cls(d["model_id"], d["path"], d.get("revision"))  # "format" is derived from the folder
+        return cls(d["model_id"], d["path"], d.get("revision"))  # "format" is derived from the path
 
     def to_dict(self) -> dict:
-        fmt = "open_clip" if is_open_clip_folder(Path(self.path)) else "transformers"
+        fmt = checkpoint_format(Path(self.path))
         return {"model_id": self.model_id, "path": self.path, "revision": self.revision, "format": fmt}
 
 
 def resolve(spec: str, revision: str | None = None) -> Source:
-    """A local folder, or a repo id already in the Hugging Face cache. Never downloads."""
+    """A local folder (or OpenAI's CLIP archive file), or a repo id already in the Hugging Face
+    cache. Never downloads."""
     p = Path(spec).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file() and not (p / CONFIG_NAME).is_file():
+    if p.is_dir() or (p.is_file() and openai_archive(p)):
+        if p.is_dir() and not (p / "config.json").is_file() and not (p / CONFIG_NAME).is_file() and not openai_archive(p):
             raise WeightsNotFoundError(
-                f"{p} has no config.json (a Hugging Face model folder) nor {CONFIG_NAME} (an open_clip one)"
+                f"{p} has no config.json (a Hugging Face model folder), no {CONFIG_NAME} (an open_clip one) "
+                f"and no single OpenAI CLIP archive (*.pt)"
             )
         return Source(spec, str(p.resolve()), revision)
     if p.exists() or spec.startswith((".", "/", "~")):
@@ -91,9 +99,10 @@ def load_models(sources: dict[str, Source], progress=print) -> Models:
 
     def load(kind, cls, ip_cls):
         path = sources[kind].path
-        if kind == "clip" and is_open_clip_folder(Path(path)):
-            progress(f"loading {kind} from {path} (open_clip checkpoint, converted to CLIPModel)")
-            return load_open_clip(Path(path), progress)
+        fmt = checkpoint_format(Path(path)) if kind == "clip" else "transformers"
+        if fmt != "transformers":
+            progress(f"loading {kind} from {path} ({fmt} checkpoint, converted to CLIPModel)")
+            return load_openai(openai_archive(Path(path)), progress) if fmt == "openai" else load_open_clip(Path(path), progress)
         progress(f"loading {kind} from {path}")
         try:
             model = cls.from_pretrained(path, local_files_only=True).eval()

@@ -11,11 +11,18 @@ and the state dict must match the expected key set exactly.
 
 A folder is open_clip's when it holds `open_clip_config.json` (what open_clip writes next to
 its weights: `model_cfg` and `preprocess_cfg`) and no transformers CLIP `config.json`.
+
+OpenAI's own release (`ViT-L-14.pt`, what `clip.load` caches and open_clip's "openai" tag
+loads) is a TorchScript archive of the same network in the same layout, given as the file or
+as a folder that holds exactly one. Its tensors are read through `torch.jit.load`; the sizes
+come from the tensors and the rest is what OpenAI's `build_model` fixes: QuickGELU, 64-wide
+attention heads, and OpenAI's preprocessing (bicubic, shortest side, centre crop).
 """
 
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 from itemrt.errors import UnsupportedModelError, WeightsNotFoundError
@@ -39,6 +46,35 @@ _TEXT_DEFAULTS = {
     "scale_attn": False, "scale_fc": False, "act_kwargs": None,
 }
 _INTERPOLATION = {"bicubic": 3, "bilinear": 2, "nearest": 0}  # PIL resample codes
+
+
+# Ints OpenAI's archive carries as tensors next to the weights (OpenAI's build_model drops them).
+_OPENAI_META = ("input_resolution", "context_length", "vocab_size")
+
+
+def checkpoint_format(path: Path) -> str:
+    """"openai", "open_clip" or "transformers": how a CLIP source is loaded."""
+    if openai_archive(path) is not None:
+        return "openai"
+    return "open_clip" if is_open_clip_folder(path) else "transformers"
+
+
+def openai_archive(path: Path) -> Path | None:
+    """The OpenAI TorchScript archive `path` is, or the only one a model-less folder holds."""
+    if path.is_file():
+        return path if _is_torchscript(path) else None
+    if path.is_dir() and not (path / "config.json").is_file() and not (path / CONFIG_NAME).is_file():
+        found = [f for f in sorted(path.glob("*.pt")) if _is_torchscript(f)]
+        return found[0] if len(found) == 1 else None
+    return None
+
+
+def _is_torchscript(f: Path) -> bool:
+    try:
+        with zipfile.ZipFile(f) as z:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def is_open_clip_folder(path: Path) -> bool:
@@ -227,8 +263,6 @@ def image_processor(pp: dict, image_size: int):
 
 def load_open_clip(path: Path, progress=print):
     """(CLIPModel, tokenizer, image processor) from an open_clip folder."""
-    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
-
     path = Path(path)
     model_cfg, pp = read_config(path)
     _check_options(model_cfg)
@@ -237,14 +271,44 @@ def load_open_clip(path: Path, progress=print):
         # OpenAI-trained weights run with GELU give subtly wrong embeddings.
         progress(f'warning: {CONFIG_NAME} does not say "quick_gelu"; using GELU, open_clip\'s default. '
                  'OpenAI-trained weights need QuickGELU: add "quick_gelu": true to its model_cfg')
-    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+    tokenizer = _tokenizer(path, f"open_clip keeps its BPE inside its package; copy them next to {CONFIG_NAME}")
+    return _clip_model(load_state_dict(path), model_cfg, pp, tokenizer)
+
+
+def load_openai(archive: Path, progress=print):
+    """(CLIPModel, tokenizer, image processor) from OpenAI's TorchScript release."""
+    import torch
+
+    archive = Path(archive)
+    progress(f"reading the tensors of {archive.name} (an OpenAI TorchScript archive)")
+    try:
+        sd = torch.jit.load(str(archive), map_location="cpu").state_dict()
+    except (RuntimeError, OSError, ValueError) as e:
+        raise UnsupportedModelError(f"{archive} does not load as a TorchScript archive (a truncated copy?): "
+                                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    sd = {k: v for k, v in sd.items() if k not in _OPENAI_META}
+    if "ln_final.weight" not in sd:
+        raise UnsupportedModelError(f"{archive} is a TorchScript archive, but not of an OpenAI CLIP network")
+    tokenizer = _tokenizer(archive.parent, "OpenAI's clip package keeps its BPE inside the package; copy them next to the archive")
+    model_cfg = {"quick_gelu": True, "vision_cfg": {"head_width": 64}, "text_cfg": {"heads": sd["ln_final.weight"].shape[0] // 64}}
+    return _clip_model(sd, model_cfg, {}, tokenizer)
+
+
+def _tokenizer(folder: Path, where: str):
+    from transformers import AutoTokenizer
+
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise WeightsNotFoundError(
-            f"{path} has no tokenizer files ({' or '.join(TOKENIZER_FILES)} with merges.txt). open_clip keeps "
-            f"its BPE inside its package; copy the CLIP tokenizer files of a transformers CLIP folder next to "
-            f"{CONFIG_NAME}"
+            f"{folder} has no tokenizer files ({' or '.join(TOKENIZER_FILES)} with merges.txt): {where}. "
+            f"The CLIP tokenizer files of any transformers CLIP folder are the same BPE"
         )
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    sd = load_state_dict(path)
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def _clip_model(sd: dict, model_cfg: dict, pp: dict, tokenizer):
+    """The state dict (OpenAI layout) as a CLIPModel, with the processor for `pp`."""
+    from transformers import CLIPConfig, CLIPModel
+
     converted = convert_state_dict(sd)
     eos = tokenizer.eos_token_id
     vocab = sd["token_embedding.weight"].shape[0]

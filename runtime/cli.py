@@ -231,7 +231,7 @@ def _info(args) -> int:
         print(f"weights    RANDOM-INIT ({m['random_init']}): same architectures, random weights; results are noise")
     for kind, s in m["sources"].items():
         rev = f"@{s['revision']}" if s.get("revision") else ""
-        fmt = " [open_clip, converted]" if s.get("format") == "open_clip" else ""
+        fmt = f" [{s['format']}, converted]" if s.get("format") in ("open_clip", "openai") else ""
         print(f"source     {kind:<10} {s['model_id']}{rev}{fmt}  ({s['path']})")
     v = m["versions"]
     print("versions   " + ", ".join(f"{k} {v[k]}" for k in v))

@@ -9,6 +9,7 @@ open_clip's names, and it is saved the way open_clip saves it.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections import OrderedDict
 
@@ -59,14 +60,14 @@ class Transformer(nn.Module):
 
 
 class Visual(nn.Module):
-    def __init__(self, act):
+    def __init__(self, act, cfg: dict):
         super().__init__()
-        w, p, s = VISION["width"], VISION["patch_size"], VISION["image_size"]
+        w, p, s = cfg["width"], cfg["patch_size"], cfg["image_size"]
         self.conv1 = nn.Conv2d(3, w, kernel_size=p, stride=p, bias=False)
         self.class_embedding = nn.Parameter(torch.randn(w) * w**-0.5)
         self.positional_embedding = nn.Parameter(torch.randn((s // p) ** 2 + 1, w) * w**-0.5)
         self.ln_pre = nn.LayerNorm(w)
-        self.transformer = Transformer(w, VISION["layers"], w // VISION["head_width"], act)
+        self.transformer = Transformer(w, cfg["layers"], w // cfg["head_width"], act)
         self.ln_post = nn.LayerNorm(w)
         self.proj = nn.Parameter(torch.randn(w, EMBED) * w**-0.5)
 
@@ -80,12 +81,12 @@ class Visual(nn.Module):
 class OpenClipNetwork(nn.Module):
     """open_clip's `CLIP` for a standard config: same parameter names, same forward."""
 
-    def __init__(self, quick_gelu: bool):
+    def __init__(self, quick_gelu: bool, vision: dict = VISION, text: dict = TEXT):
         super().__init__()
         act = QuickGELU() if quick_gelu else nn.GELU()
-        w = TEXT["width"]
-        self.visual = Visual(act)
-        self.transformer = Transformer(w, TEXT["layers"], TEXT["heads"], act)
+        w = text["width"]
+        self.visual = Visual(act, vision)
+        self.transformer = Transformer(w, text["layers"], text["heads"], act)
         self.token_embedding = nn.Embedding(VOCAB, w)
         self.positional_embedding = nn.Parameter(torch.randn(CONTEXT, w) * 0.01)
         self.ln_final = nn.LayerNorm(w)
@@ -191,13 +192,86 @@ def test_missing_tokenizer_or_weights_are_named(tmp_path):
         load_open_clip(folder)
 
 
-def test_export_with_an_open_clip_clip_passes_parity(tmp_path, cache_dir):
-    """The whole export (graphs, bank, gates, chain parity) with the CLIP side from open_clip."""
+def write_openai_archive(folder, net, name="ViT-T-8.pt"):
+    """OpenAI's release: the network traced to TorchScript, weights in FP16, the ints that
+    OpenAI's build_model reads kept as tensors, and no config; tokenizer files beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    net = copy.deepcopy(net)  # a traced module shares the network's tensors; .half() below must not touch them
+    for key, value in (("input_resolution", VISION["image_size"]), ("context_length", CONTEXT), ("vocab_size", VOCAB)):
+        net.register_buffer(key, torch.tensor(value))
+    ts = torch.jit.trace_module(
+        net, {"encode_image": torch.randn(1, 3, 32, 32), "encode_text": torch.zeros(1, CONTEXT, dtype=torch.long)},
+        check_trace=False,
+    )
+    ts.half().save(str(folder / name))
+    write_clip_tokenizer(folder, VOCAB, CONTEXT, "<|endoftext|>")
+    return folder / name
+
+
+# OpenAI's build_model gives every tower 64-wide heads: widths of 128, two heads each.
+OPENAI_VISION = {**VISION, "width": 128, "head_width": 64}
+OPENAI_TEXT = {**TEXT, "width": 128, "heads": 2}
+
+
+def test_openai_archive_computes_what_the_network_computes(tmp_path):
+    torch.manual_seed(0)
+    net = OpenClipNetwork(True, OPENAI_VISION, OPENAI_TEXT).half().float().eval()  # OpenAI ships FP16 weights
+    archive = write_openai_archive(tmp_path / "openai", net)
+    for spec in (archive, archive.parent):  # the file, or the folder that holds it
+        assert resolve(str(spec)).to_dict()["format"] == "openai"
+    from itemrt.export.open_clip import load_openai
+
+    said = []
+    model, tokenizer, processor = load_openai(archive, progress=said.append)
+    assert model.config.vision_config.hidden_act == "quick_gelu"  # OpenAI's networks use QuickGELU
+    px = torch.randn(3, 3, 32, 32)
+    texts = ["a dog on a red couch next to a lamp", "a photo of a cat"]
+    with torch.no_grad():
+        ref_img, ref_txt = net.encode_image(px), net.encode_text(open_clip_tokens(tokenizer, texts))
+        img = model.get_image_features(pixel_values=px)
+        tok = tokenizer(texts, padding=True, return_tensors="pt")
+        txt = model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+    for ref, got in ((ref_img, getattr(img, "pooler_output", img)), (ref_txt, getattr(txt, "pooler_output", txt))):
+        assert torch.allclose(ref, got, atol=1e-4, rtol=1e-4)
+    spec = image_spec(processor)  # OpenAI's preprocessing
+    assert (spec.resize, spec.shortest_edge, spec.resample) == ("shortest_edge", 32, "bicubic")
+    assert spec.mean == (0.48145466, 0.4578275, 0.40821073)
+
+
+def test_openai_archive_errors_are_typed(tmp_path):
+    torch.manual_seed(0)
+    archive = write_openai_archive(tmp_path / "oa", OpenClipNetwork(True, OPENAI_VISION, OPENAI_TEXT).eval())
+    from itemrt.export.open_clip import load_openai
+
+    cut = tmp_path / "cut" / "ViT.pt"
+    cut.parent.mkdir()
+    cut.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(WeightsNotFoundError):  # a cut zip is not recognised as an archive at all
+        resolve(str(cut.parent))
+    for f in ("tokenizer.json", "vocab.json"):
+        (archive.parent / f).unlink()
+    with pytest.raises(WeightsNotFoundError, match="tokenizer"):
+        load_openai(archive)
+    other = tmp_path / "other" / "m.pt"
+    other.parent.mkdir()
+    torch.jit.trace(nn.Linear(4, 4), torch.randn(1, 4)).save(str(other))
+    write_clip_tokenizer(other.parent, VOCAB, CONTEXT, "<|endoftext|>")
+    with pytest.raises(UnsupportedModelError, match="not of an OpenAI CLIP"):
+        load_openai(other)
+
+
+@pytest.mark.parametrize("fmt", ["open_clip", "openai"])
+def test_export_with_an_open_clip_clip_passes_parity(tmp_path, cache_dir, fmt):
+    """The whole export (graphs, bank, gates, chain parity) with the CLIP side from open_clip,
+    or from OpenAI's archive."""
     from itemrt import Runtime
     from itemrt.export.pipeline import export_bundle, random_checkpoints
 
     torch.manual_seed(0)
-    folder = write_checkpoint(tmp_path / "oc", OpenClipNetwork(True), True, safetensors=True)
+    if fmt == "open_clip":
+        folder = write_checkpoint(tmp_path / "oc", OpenClipNetwork(True), True, safetensors=True)
+    else:
+        folder = write_openai_archive(tmp_path / "oa", OpenClipNetwork(True, OPENAI_VISION, OPENAI_TEXT).eval()).parent
     assert resolve(str(folder)).path == str(folder.resolve())
     tiny = random_checkpoints("tiny", 0, progress=lambda m: None)
     out = export_bundle(
@@ -206,7 +280,7 @@ def test_export_with_an_open_clip_clip_passes_parity(tmp_path, cache_dir):
         precisions=(), progress=lambda m: None,
     )
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["sources"]["clip"]["format"] == "open_clip"
+    assert manifest["sources"]["clip"]["format"] == fmt
     assert manifest["parity"]["chain"]["passed"]
     with Runtime(out, precision="fp32") as rt:
         r = rt.detect(np.full((48, 40, 3), 128, np.uint8))
