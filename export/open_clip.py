@@ -22,6 +22,7 @@ attention heads, and OpenAI's preprocessing (bicubic, shortest side, centre crop
 from __future__ import annotations
 
 import json
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -282,7 +283,9 @@ def load_openai(archive: Path, progress=print):
     archive = Path(archive)
     progress(f"reading the tensors of {archive.name} (an OpenAI TorchScript archive)")
     try:
-        sd = torch.jit.load(str(archive), map_location="cpu").state_dict()
+        with warnings.catch_warnings():  # deprecated in favour of torch.export, but the archive is TorchScript
+            warnings.simplefilter("ignore", DeprecationWarning)
+            sd = torch.jit.load(str(archive), map_location="cpu").state_dict()
     except (RuntimeError, OSError, ValueError) as e:
         raise UnsupportedModelError(f"{archive} does not load as a TorchScript archive (a truncated copy?): "
                                     f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

@@ -24,6 +24,13 @@ from itemrt.export.models import image_spec, resolve
 from itemrt.export.open_clip import load_open_clip
 from itemrt.export.random_init import write_clip_tokenizer
 
+# OpenAI's release is TorchScript: the tests that write one trace a network (deprecated, and
+# the tracer warns about the shape checks inside nn.MultiheadAttention; the trace is only saved).
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
+]
+
 VOCAB, CONTEXT, EMBED = 4096, 77, 24
 VISION = {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16}
 TEXT = {"context_length": CONTEXT, "vocab_size": VOCAB, "width": 32, "heads": 4, "layers": 2}
