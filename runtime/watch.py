@@ -5,7 +5,8 @@ results file is the ledger: on start it is read back, so a restart neither skips
 repeats a file (a file is known by name, size and modification time). A line is written
 with one `write` on an O_APPEND descriptor and fsynced; a torn last line from a crash is
 cut off on start, and that file is processed again. Unreadable files move to a
-quarantine folder with a `.reason` file beside them, and the ledger records them.
+quarantine folder with a `.reason` file beside them (a reused name gets a number), and the
+ledger records them. A file that goes away before it is read is skipped, not recorded.
 Files still being written (size or mtime changed since the last look), hidden files and
 `*.part` / `*.tmp` files wait.
 """
@@ -19,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ImageError
+from .errors import ImageError, ImageNotFoundError
 
 SKIP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
 
@@ -95,28 +96,51 @@ class Watcher:
             self._seen[p.name] = sig
         return [p for _, p in sorted(out)]
 
-    def process(self, path: Path) -> dict:
-        key = file_key(path)
+    def process(self, path: Path) -> dict | None:
+        """The file's ledger record; None when it went away before it was read (the camera
+        removed or renamed it): not an answer, so nothing is recorded."""
+        try:
+            key = file_key(path)
+        except FileNotFoundError:
+            return None
         t = time.time()
         try:
             r = self.rt.detect(path)
             record = {"key": key, "path": str(path), "time": t, **r.to_dict()}
+        except ImageNotFoundError:
+            self._seen.pop(path.name, None)
+            return None
         except ImageError as e:
-            self.quarantine.mkdir(parents=True, exist_ok=True)
-            target = self.quarantine / path.name
-            shutil.move(str(path), target)
-            target.with_name(target.name + ".reason").write_text(f"{e.code}: {e}\n")
+            target = self._quarantine(path, f"{e.code}: {e}\n")
+            if target is None:
+                return None
             record = {"key": key, "path": str(path), "time": t, "error": e.code, "message": str(e),
                       "quarantined": str(target)}
         self.ledger.append(record)
         self.done.add(key)
         return record
 
+    def _quarantine(self, path: Path, reason: str) -> Path | None:
+        """Move the file aside under a name no earlier one has (cameras reuse names)."""
+        self.quarantine.mkdir(parents=True, exist_ok=True)
+        target, n = self.quarantine / path.name, 1
+        while target.exists():
+            target, n = self.quarantine / f"{path.stem}.{n}{path.suffix}", n + 1
+        try:
+            shutil.move(str(path), target)
+        except FileNotFoundError:
+            return None
+        target.with_name(target.name + ".reason").write_text(reason)
+        return target
+
     def scan(self) -> int:
         """One look at the folder; files must look the same twice, so call it at an interval."""
         n = 0
         for p in self._ready():
             rec = self.process(p)
+            if rec is None:
+                self.progress(f"{p.name}: gone before it was read; skipped")
+                continue
             n += 1
             state = rec.get("error") or f"{rec['label']} p(fake)={rec['p_fake']:.4f}"
             self.progress(f"{p.name}: {state}")

@@ -57,3 +57,36 @@ def test_watch_command(tiny_bundle, samples, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "a.jpg:" in r.stdout and len(_lines(out)) == 1
+
+
+def test_vanished_files_are_skipped_and_reused_names_kept_apart(runtime, tmp_path):
+    """A camera that removes a file before it is read, or reuses a name for another bad
+    file: the watcher neither dies nor overwrites the earlier quarantined one."""
+    cam, out = tmp_path / "cam", tmp_path / "results.jsonl"
+    cam.mkdir()
+
+    class CameraRemovesFirst:
+        """The real runtime, with the camera deleting the file just before it is read."""
+
+        def detect(self, path):
+            path.unlink()
+            return runtime.detect(path)
+
+    said = []
+    w = Watcher(CameraRemovesFirst(), cam, out, interval_s=0.01, progress=said.append)
+    (cam / "gone.jpg").write_bytes(b"x")
+    assert w.scan() == 0 and w.scan() == 0  # the second look finds it ready; it goes away
+    assert any("gone before it was read" in m for m in said)
+    assert not out.exists() and not (cam / "quarantine").exists()
+    assert w.process(cam / "never-there.jpg") is None  # removed between the look and the read
+
+    w = Watcher(runtime, cam, out, interval_s=0.01, progress=said.append)
+    for content in (b"first bad", b"second bad"):
+        (cam / "snap.jpg").write_bytes(content)
+        assert w.process(cam / "snap.jpg")["error"]
+    q = sorted(p.name for p in (cam / "quarantine").iterdir() if not p.name.endswith(".reason"))
+    assert q == ["snap.1.jpg", "snap.jpg"]
+    assert (cam / "quarantine" / "snap.jpg").read_bytes() == b"first bad"
+    assert (cam / "quarantine" / "snap.1.jpg").read_bytes() == b"second bad"
+    assert (cam / "quarantine" / "snap.1.jpg.reason").is_file()
+    assert len(_lines(out)) == 2
