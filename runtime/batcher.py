@@ -9,6 +9,7 @@ already admitted before it returns.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from .errors import ItemError
+
+log = logging.getLogger(__name__)
 
 
 class QueueFull(ItemError):
@@ -116,7 +119,10 @@ class Batcher:
                 j.future.set_exception(e)
             return
         if self.on_batch is not None:
-            self.on_batch(len(images), results)
+            try:
+                self.on_batch(len(images), results)
+            except Exception:  # bookkeeping must never cost a caller its answer
+                log.exception("on_batch failed; the batch's answers go out regardless")
         i = 0
         for j in live:
             j.future.set_result(results[i : i + len(j.images)])

@@ -1,0 +1,71 @@
+"""The micro-batcher on its own, with the real tiny runtime: coalescing, the in-flight bound,
+and every admitted caller answered, whatever the bookkeeping does."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from itemrt.batcher import Batcher, QueueFull
+from itemrt.images import load_image
+
+
+@pytest.fixture(scope="module")
+def images(samples):
+    return [load_image(p) for p in samples[:4]]
+
+
+def test_concurrent_callers_coalesce_into_batches(runtime, images):
+    sizes = []
+    b = Batcher(runtime, max_batch=4, max_wait_s=0.5, on_batch=lambda n, results: sizes.append(n))
+    try:
+        futures = [b.submit([im]) for im in images]
+        results = [f.result(timeout=120) for f in futures]
+    finally:
+        b.close(timeout_s=60)
+    assert sizes == [4]  # all four waited for each other within max_wait_s
+    expected = runtime.detect_batch(images)
+    assert [r[0].caption_tokens for r in results] == [e.caption_tokens for e in expected]
+
+
+def test_the_in_flight_bound_refuses_at_once(runtime, images):
+    b = Batcher(runtime, max_batch=2, max_in_flight=2)
+    try:
+        with b.admit(2), pytest.raises(QueueFull, match="limit 2"), b.admit(1):
+            pass
+        with b.admit(1):  # places come back when a request ends
+            assert b.in_flight == 1
+    finally:
+        b.close(timeout_s=60)
+    with pytest.raises(QueueFull, match="shutting down"), b.admit(1):
+        pass
+
+
+def test_failing_bookkeeping_still_answers_every_caller(runtime, images):
+    def broken(n, results):
+        raise RuntimeError("metrics backend down")
+
+    b = Batcher(runtime, max_batch=2, max_wait_s=0.05, on_batch=broken)
+    try:
+        futures = [b.submit([im]) for im in images[:3]]
+        assert all(len(f.result(timeout=120)) == 1 for f in futures)
+    finally:
+        b.close(timeout_s=60)
+
+
+def test_close_waits_for_admitted_requests(runtime, images):
+    b = Batcher(runtime, max_batch=1)
+    answered = []
+
+    def caller():
+        with b.admit(1):
+            answered.append(b.submit([images[0]]).result(timeout=120))
+
+    t = threading.Thread(target=caller)
+    t.start()
+    while b.in_flight == 0 and t.is_alive():
+        time.sleep(0.001)
+    b.close(timeout_s=120)  # returns only once the admitted caller has its answer
+    t.join(timeout=5)
+    assert len(answered) == 1 and not t.is_alive()
