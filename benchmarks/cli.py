@@ -169,7 +169,8 @@ def run(args) -> dict:
     return rep
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `item-bench` command line (the README's commands are checked against it)."""
     p = argparse.ArgumentParser(prog="item-bench", description=__doc__.splitlines()[0])
     p.add_argument("bundle", type=Path)
     p.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
@@ -190,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", type=Path, default=None, help="write a markdown table")
     p.add_argument("--charts", type=Path, default=None, help="folder for stages.png and batch.png")
     p.add_argument("--compare", type=Path, default=None, help="an earlier --json report: print p50 deltas")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
     if args.images is None:

@@ -19,7 +19,8 @@ BACKEND_HELP = ("onnxruntime (CPU), ort-cuda / ort-tensorrt (ONNX Runtime's GPU 
                 "tensorrt (plans from `item build`)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `item` command line (the README's commands are checked against it)."""
     p = argparse.ArgumentParser(prog="item", description="ITEM-RT: fake-image detection by image-text misalignment")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -118,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--explain-dir", type=Path, default=Path("engines/demo-explain"))
     m.set_defaults(func=_demo)
 
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         rc = args.func(args)

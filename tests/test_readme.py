@@ -1,0 +1,60 @@
+"""The README's commands stay true: every `item` and `item-bench` line in its shell blocks
+parses with the real command-line parsers (usage lines: once without their [optional]
+parts, once with each option's first alternative)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from itemrt.bench.cli import build_parser as bench_parser
+from itemrt.cli import build_parser as item_parser
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+PARSERS = {"item": item_parser, "item-bench": bench_parser}
+
+
+def readme_commands() -> list[str]:
+    """`item ...` / `item-bench ...` lines of the bash blocks (continuations joined, comments
+    cut), and inline `item ...` spans in the prose that carry arguments (not bare names)."""
+    text = README.read_text()
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #", 1)[0].strip()
+            line = re.sub(r"^(\S*/)?(?=item(-bench)?\s)", "", line)  # .venv/bin/item -> item
+            if re.match(r"item(-bench)?\s", line):
+                out.append(" ".join(line.split()))
+    for span in re.findall(r"`(item(?:-bench)? [^`]+)`", text):
+        words = span.split()
+        if len(words) >= 3 and not (words[0] == "item" and "/" in words[1]):  # not `item features/train/...`
+            out.append(" ".join(words))
+    return list(dict.fromkeys(out))
+
+
+def variants(line: str) -> list[str]:
+    """A usage line as commands: without its [optional] parts, and with them (first of a|b)."""
+    if "[" not in line:
+        return [line]
+    bare = re.sub(r"\s*\[[^\]]*\]", "", line)
+    full = re.sub(r"\[([^\]]*)\]", lambda m: re.sub(r"(\S+?)\|\S+", r"\1", m.group(1)), line)
+    return [bare, full]
+
+
+COMMANDS = readme_commands()
+
+
+def test_the_readme_has_commands():
+    assert len(COMMANDS) >= 20 and any(c.startswith("item-bench") for c in COMMANDS)
+
+
+@pytest.mark.parametrize("line", COMMANDS)
+def test_readme_command_parses(line):
+    for cmd in variants(line):
+        prog, *argv = shlex.split(cmd)
+        try:
+            PARSERS[prog]().parse_args(argv)
+        except SystemExit as e:
+            pytest.fail(f"README command does not parse ({e.code}): {cmd}")
