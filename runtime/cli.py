@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--workspace-gb", type=float, default=4.0)
     bd.set_defaults(func=_build)
 
-    c = sub.add_parser("calibrate", help="re-pick the head's threshold for a target FPR on validation reals")
+    c = sub.add_parser("calibrate", help="re-pick the head's threshold for a target FPR on validation reals (needs [export])")
     export_cli.add_calibrate_arguments(c)
     c.set_defaults(func=export_cli.run_calibrate)
 
