@@ -195,8 +195,9 @@ class Bundle:
         h = hashlib.sha256()
         skip = self.head_files()
         for rel, digest in sorted(self.manifest["files"].items()):
-            # TensorRT plans are built from these same graphs on the target: not a new chain.
-            if rel not in skip and not rel.startswith("tensorrt/"):
+            # TensorRT plans are built from these same graphs on the target: not a new chain;
+            # parity/ records what the export measured, which no feature depends on.
+            if rel not in skip and not rel.startswith(("tensorrt/", "parity/")):
                 h.update(f"{rel}\0{digest}\n".encode())
         for key in ("captioner", "detector", "clip", "words"):
             h.update(json.dumps(self.manifest[key], sort_keys=True).encode())

@@ -303,6 +303,27 @@ def test_head_check_moves_the_default_off_int8_when_decisions_differ(trained, bu
     assert m["default_precision"] == "int8"
 
 
+def test_a_bundle_without_parity_pairs_says_the_head_is_unchecked(features, tiny_bundle, tmp_path, capsys):
+    """Bundles exported before the pairs were kept: training works, and `item info` says
+    plainly that the trained head was not checked against the chains."""
+    from itemrt.bundle import write_manifest
+    from itemrt.export.parity import CHAIN_PAIRS
+
+    b = tmp_path / "old"
+    shutil.copytree(tiny_bundle, b)
+    (b / CHAIN_PAIRS).unlink()
+    m = json.loads((b / "manifest.json").read_text())
+    del m["files"][CHAIN_PAIRS]
+    write_manifest(b, m)
+    assert item(["train", str(features), "--bundle", str(b), "--hidden", "8", "--max-epochs", "3"]) == 0
+    m = Bundle.open(b).manifest
+    assert m["head"]["trained"] and m["head"]["chain_check"] is None
+    assert m["default_precision"] == "int8"  # nothing measured, nothing changed
+    capsys.readouterr()
+    assert item(["info", str(b)]) == 0
+    assert "head check NOT DONE" in capsys.readouterr().out
+
+
 def test_recipe_ablations_train(features, tiny_bundle, tmp_path):
     for name in RECIPES:
         b = tmp_path / name
