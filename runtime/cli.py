@@ -10,8 +10,8 @@ from pathlib import Path
 
 from .backend import BACKENDS
 from .bundle import PRECISIONS
-from .dataset import DEFAULT_RATIOS
-from .errors import ImageError, ItemError
+from .dataset import DEFAULT_RATIOS, IMAGE_SUFFIXES
+from .errors import ImageError, ItemError, UnsupportedImageError
 from .perturb import argument as perturbation_argument
 
 SAMPLES = Path(__file__).with_name("samples")
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=export_cli.run)
 
     d = sub.add_parser("detect", help="p(fake), caption and object words for images")
-    d.add_argument("paths", nargs="+", type=Path)
+    d.add_argument("paths", nargs="+", type=Path, help="image files, or folders (the images directly in them)")
     d.add_argument("--bundle", "-b", default=os.environ.get("ITEM_BUNDLE"), help="bundle folder (or $ITEM_BUNDLE)")
     d.add_argument("--json", action="store_true", help="one JSON object per line")
     d.add_argument("--explain", type=Path, default=None,
@@ -145,13 +145,16 @@ def _detect(args) -> int:
     if not args.bundle:
         print("item detect: give --bundle or set ITEM_BUNDLE", file=sys.stderr)
         return 2
-    many = len(args.paths) > 1
+    paths = _expand(args.paths)
+    many = len(paths) > 1
     if args.explain and (many or args.explain.suffix.lower() != ".png"):
         args.explain.mkdir(parents=True, exist_ok=True)
     failures = 0
     with Runtime(args.bundle, threads=args.threads, precision=args.precision, backend=args.backend) as rt:
-        for path in args.paths:
+        for path in paths:
             try:
+                if path.is_dir():  # a folder with no images in it
+                    raise UnsupportedImageError(f"{path} is a folder with no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
                 img = load_image(path, rt.image_limits)  # decoded once: for the chain and the picture
                 r = rt.detect(img)
             except ImageError as err:
@@ -171,6 +174,16 @@ def _detect(args) -> int:
                 if not args.json:
                     print(f"  explain: {target}")
     return 1 if failures else 0
+
+
+def _expand(paths: list[Path]) -> list[Path]:
+    """Folders stand for the images directly in them, in name order (an empty one stays, to
+    be reported); files stand for themselves, whatever their name."""
+    out = []
+    for p in paths:
+        found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else []
+        out += found or [p]
+    return out
 
 
 def _stderr(msg: str) -> None:

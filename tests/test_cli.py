@@ -65,3 +65,17 @@ def test_a_reader_that_leaves_early_is_not_an_error(tiny_bundle):
     p.stdout.close()  # the reader is gone before anything is written
     err = p.stderr.read().decode()
     assert p.wait(timeout=60) == 0 and not err, err
+
+
+def test_detect_on_folders(tiny_bundle, samples, tmp_path):
+    photos, empty = tmp_path / "photos", tmp_path / "empty"
+    photos.mkdir(), empty.mkdir()
+    for p in samples[:2]:
+        (photos / p.name).write_bytes(p.read_bytes())
+    (photos / "notes.txt").write_text("not an image: left out of the folder's images")
+    r = _item("detect", "--bundle", tiny_bundle, "--json", photos, empty)
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [x["path"] for x in lines] == [str(photos / p.name) for p in sorted(samples[:2])] + [str(empty)]
+    assert all("p_fake" in x for x in lines[:2])
+    assert lines[2]["error"] == "unsupported_image" and "no images" in lines[2]["message"]
+    assert r.returncode == 1  # one path failed
