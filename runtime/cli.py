@@ -149,7 +149,7 @@ def _detect(args) -> int:
     many = len(paths) > 1
     if args.explain and (many or args.explain.suffix.lower() != ".png"):
         args.explain.mkdir(parents=True, exist_ok=True)
-    failures = 0
+    failures, written = 0, set()
     with Runtime(args.bundle, threads=args.threads, precision=args.precision, backend=args.backend) as rt:
         for path in paths:
             try:
@@ -169,11 +169,23 @@ def _detect(args) -> int:
             else:
                 _print_result(path, r)
             if args.explain:
-                target = args.explain / f"{path.stem}.explain.png" if args.explain.is_dir() else args.explain
+                target = _explain_target(args.explain, path, written)
                 render(img, r).save(target)
                 if not args.json:
                     print(f"  explain: {target}")
     return 1 if failures else 0
+
+
+def _explain_target(explain: Path, path: Path, written: set[Path]) -> Path:
+    """The picture's file: `explain` itself, or STEM.explain.png in that folder; two inputs
+    with one stem (a/x.jpg, b/x.png) get STEM-2, ... instead of overwriting each other."""
+    if not explain.is_dir():
+        return explain
+    target, n = explain / f"{path.stem}.explain.png", 2
+    while target in written:
+        target, n = explain / f"{path.stem}-{n}.explain.png", n + 1
+    written.add(target)
+    return target
 
 
 def _expand(paths: list[Path]) -> list[Path]:

@@ -79,3 +79,12 @@ def test_detect_on_folders(tiny_bundle, samples, tmp_path):
     assert all("p_fake" in x for x in lines[:2])
     assert lines[2]["error"] == "unsupported_image" and "no images" in lines[2]["message"]
     assert r.returncode == 1  # one path failed
+    # the same stem in two folders: two pictures, neither overwritten
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / samples[0].name).write_bytes(samples[0].read_bytes())
+    out = tmp_path / "explain"
+    r = _item("detect", "--bundle", tiny_bundle, "--explain", out, photos / samples[0].name, other)
+    assert r.returncode == 0, r.stderr
+    stem = samples[0].stem
+    assert sorted(p.name for p in out.iterdir()) == [f"{stem}-2.explain.png", f"{stem}.explain.png"]
