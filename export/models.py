@@ -45,14 +45,14 @@ def resolve(spec: str, revision: str | None = None) -> Source:
     """A local folder (or OpenAI's CLIP archive file), or a repo id already in the Hugging Face
     cache. Never downloads."""
     p = Path(spec).expanduser()
-    if p.is_dir() or (p.is_file() and openai_archive(p)):
-        if p.is_dir() and not (p / "config.json").is_file() and not (p / CONFIG_NAME).is_file() and not openai_archive(p):
+    if p.exists():
+        if checkpoint_format(p) == "transformers" and not (p / "config.json").is_file():
             raise WeightsNotFoundError(
-                f"{p} has no config.json (a Hugging Face model folder), no {CONFIG_NAME} (an open_clip one) "
-                f"and no single OpenAI CLIP archive (*.pt)"
+                f"{p} is not a model: no config.json (a Hugging Face model folder), no {CONFIG_NAME} (an open_clip "
+                f"one), and not a single OpenAI CLIP archive (*.pt, as the file or in the folder)"
             )
         return Source(spec, str(p.resolve()), revision)
-    if p.exists() or spec.startswith((".", "/", "~")):
+    if spec.startswith((".", "/", "~")):
         raise WeightsNotFoundError(f"model folder {spec} does not exist")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from huggingface_hub import snapshot_download

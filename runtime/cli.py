@@ -179,11 +179,11 @@ def _detect(args) -> int:
 def _explain_target(explain: Path, path: Path, written: set[Path]) -> Path:
     """The picture's file: `explain` itself, or STEM.explain.png in that folder; two inputs
     with one stem (a/x.jpg, b/x.png) get STEM-2, ... instead of overwriting each other."""
+    from .watch import free_name
+
     if not explain.is_dir():
         return explain
-    target, n = explain / f"{path.stem}.explain.png", 2
-    while target in written:
-        target, n = explain / f"{path.stem}-{n}.explain.png", n + 1
+    target = free_name(explain, path.stem, ".explain.png", written.__contains__)
     written.add(target)
     return target
 

@@ -5,7 +5,7 @@ results file is the ledger: on start it is read back, so a restart neither skips
 repeats a file (a file is known by name, size and modification time). A line is written
 with one `write` on an O_APPEND descriptor and fsynced; a torn last line from a crash is
 cut off on start, and that file is processed again. Unreadable files move to a
-quarantine folder with a `.reason` file beside them (a reused name gets a number), and the
+quarantine folder with a `.reason` file beside them (a reused name gets -2, -3, ...), and the
 ledger records them. A file that goes away before it is read is skipped, not recorded.
 Files still being written (size or mtime changed since the last look), hidden files and
 `*.part` / `*.tmp` files wait.
@@ -20,9 +20,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ImageError, ImageNotFoundError
+from .errors import ImageError
 
 SKIP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
+
+
+def free_name(folder: Path, stem: str, suffix: str, taken) -> Path:
+    """folder/STEM SUFFIX, or STEM-2 SUFFIX, STEM-3 SUFFIX, ...: the first that `taken(path)`
+    says is free. For names that repeat (cameras reuse them; two folders hold one file name)."""
+    target, n = folder / f"{stem}{suffix}", 2
+    while taken(target):
+        target, n = folder / f"{stem}-{n}{suffix}", n + 1
+    return target
 
 
 def file_key(path: Path, st: os.stat_result | None = None) -> str:
@@ -99,15 +108,12 @@ class Watcher:
     def process(self, path: Path) -> dict | None:
         """The file's ledger record; None when it went away before it was read (the camera
         removed or renamed it): not an answer, so nothing is recorded."""
-        try:
-            key = file_key(path)
-        except FileNotFoundError:
-            return None
         t = time.time()
         try:
+            key = file_key(path)
             r = self.rt.detect(path)
             record = {"key": key, "path": str(path), "time": t, **r.to_dict()}
-        except ImageNotFoundError:
+        except FileNotFoundError:  # ImageNotFoundError is one too
             self._seen.pop(path.name, None)
             return None
         except ImageError as e:
@@ -123,9 +129,7 @@ class Watcher:
     def _quarantine(self, path: Path, reason: str) -> Path | None:
         """Move the file aside under a name no earlier one has (cameras reuse names)."""
         self.quarantine.mkdir(parents=True, exist_ok=True)
-        target, n = self.quarantine / path.name, 1
-        while target.exists():
-            target, n = self.quarantine / f"{path.stem}.{n}{path.suffix}", n + 1
+        target = free_name(self.quarantine, path.stem, path.suffix, Path.exists)
         try:
             shutil.move(str(path), target)
         except FileNotFoundError:

@@ -85,8 +85,8 @@ def test_vanished_files_are_skipped_and_reused_names_kept_apart(runtime, tmp_pat
         (cam / "snap.jpg").write_bytes(content)
         assert w.process(cam / "snap.jpg")["error"]
     q = sorted(p.name for p in (cam / "quarantine").iterdir() if not p.name.endswith(".reason"))
-    assert q == ["snap.1.jpg", "snap.jpg"]
+    assert q == ["snap-2.jpg", "snap.jpg"]
     assert (cam / "quarantine" / "snap.jpg").read_bytes() == b"first bad"
-    assert (cam / "quarantine" / "snap.1.jpg").read_bytes() == b"second bad"
-    assert (cam / "quarantine" / "snap.1.jpg.reason").is_file()
+    assert (cam / "quarantine" / "snap-2.jpg").read_bytes() == b"second bad"
+    assert (cam / "quarantine" / "snap-2.jpg.reason").is_file()
     assert len(_lines(out)) == 2
