@@ -17,8 +17,6 @@ GROUPS = {
     "clip": ("clip", "crops", "clip_image", "clip_text"),
     "decode, preprocess, head": ("decode", "preprocess", "head"),
 }
-# Derived numbers that are not a part of `total`.
-NOT_SUMMED = ("total", "captioner_decoder_per_token")
 
 
 def stats(values: list[float]) -> dict:

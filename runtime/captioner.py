@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from .backend import OrtSession
+from .errors import BundleVersionError
 from .tensorrt import DeviceArray, TrtSession
 from .text import TextTokenizer
 
@@ -25,14 +25,16 @@ class DecodingSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> DecodingSpec:
-        return cls(**d)
+        spec = cls(**d)
+        if spec.strategy != "greedy":  # the only decoding the reference gate checked
+            raise BundleVersionError(f"captioner decoding {spec.strategy!r} is not supported; only greedy is")
+        return spec
 
 
 @dataclass
 class Captions:
     texts: list[str]
     tokens: list[list[int]]  # generated ids per image, end-of-sentence included when reached
-    step_ms: list[float]  # one entry per decoder step (the whole batch per step)
 
 
 class Captioner:
@@ -74,11 +76,8 @@ class Captioner:
         ids = np.full((batch, 1), s.bos_id, np.int64)
         done = np.zeros(batch, bool)
         tokens: list[list[int]] = [[] for _ in range(batch)]
-        steps: list[float] = []
         for _ in range(limit):
-            t0 = time.perf_counter()
             nxt = kv.step(ids).argmax(-1)
-            steps.append((time.perf_counter() - t0) * 1e3)
             nxt = np.where(done, s.pad_id, nxt)
             for b in np.flatnonzero(~done):
                 tokens[b].append(int(nxt[b]))
@@ -86,7 +85,7 @@ class Captioner:
             if done.all():
                 break
             ids = nxt[:, None].astype(np.int64)
-        return Captions([self.tokenizer.decode(t) for t in tokens], tokens, steps)
+        return Captions([self.tokenizer.decode(t) for t in tokens], tokens)
 
 
 class HostKV:

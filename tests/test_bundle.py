@@ -124,6 +124,12 @@ def test_unknown_recipe(copy):
         Runtime(copy)
 
 
+def test_unknown_decoding_strategy(copy):
+    _edit_manifest(copy, lambda m: m["captioner"]["decoding"].update(strategy="beam"))
+    with pytest.raises(BundleVersionError, match="'beam' is not supported"):
+        Runtime(copy)
+
+
 def test_unlisted_file_is_refused(copy):
     b = Bundle.open(copy)
     with pytest.raises(BundleIntegrityError):
