@@ -45,6 +45,7 @@ class Batcher:
         self._q: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Condition()
         self.in_flight = 0
+        self.queued = 0  # images submitted and not yet taken into a batch (the queue depth)
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="itemrt-batcher", daemon=True)
         self._thread.start()
@@ -67,6 +68,8 @@ class Batcher:
 
     def submit(self, images: list[Image.Image]) -> Future:
         job = Job(images)
+        with self._lock:
+            self.queued += len(images)
         self._q.put(job)
         return job.future
 
@@ -108,6 +111,8 @@ class Batcher:
                 self._q.put(None)  # drain what is left, then stop
 
     def _run(self, batch: list[Job]) -> None:
+        with self._lock:
+            self.queued -= sum(len(j.images) for j in batch)
         live = [j for j in batch if j.future.set_running_or_notify_cancel()]
         if not live:
             return

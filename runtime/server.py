@@ -69,6 +69,7 @@ class Metrics:
         self.batch = Histogram("itemrt_batch_size", "Images per detect_batch call", registry=r,
                                buckets=(1, 2, 4, 8, 16, 32))
         self.in_flight = Gauge("itemrt_in_flight_images", "Images admitted and not yet answered", registry=r)
+        self.queued = Gauge("itemrt_queued_images", "Images waiting for a batch (queue depth)", registry=r)
         self.cache_hit_rate = Gauge("itemrt_text_cache_hit_rate", "Caption text-cache hit rate", registry=r)
         self.ready = Gauge("itemrt_ready", "1 when the bundle is loaded and warmed", registry=r)
 
@@ -111,6 +112,7 @@ def create_app(cfg: ServeConfig):
         batcher = Batcher(rt, max_batch=cfg.max_batch, max_wait_s=cfg.max_wait_ms / 1e3,
                           max_in_flight=cfg.max_in_flight, on_batch=metrics.on_batch)
         metrics.in_flight.set_function(lambda: batcher.in_flight)
+        metrics.queued.set_function(lambda: batcher.queued)
         cache = rt.clip.cache
         metrics.cache_hit_rate.set_function(lambda: cache.hits / max(1, cache.hits + cache.misses))
         state.update(runtime=rt, batcher=batcher, ready=True)

@@ -29,6 +29,29 @@ def test_concurrent_callers_coalesce_into_batches(runtime, images):
     assert [r[0].caption_tokens for r in results] == [e.caption_tokens for e in expected]
 
 
+def test_queue_depth_counts_images_waiting_for_a_batch(runtime, images):
+    gate = threading.Event()
+
+    class Slow:  # the real runtime, held until the test has looked at the queue
+        def detect_batch(self, ims):
+            gate.wait(60)
+            return runtime.detect_batch(ims)
+
+    b = Batcher(Slow(), max_batch=1, max_wait_s=0.0)
+    try:
+        first = b.submit([images[0]])
+        while b.queued:  # the worker takes the first job and blocks in it
+            time.sleep(0.001)
+        rest = [b.submit([im]) for im in images[1:3]] + [b.submit(images[:2])]
+        assert b.queued == 4
+        gate.set()
+        assert all(f.result(timeout=120) for f in [first, *rest])
+        assert b.queued == 0
+    finally:
+        gate.set()
+        b.close(timeout_s=60)
+
+
 def test_the_in_flight_bound_refuses_at_once(runtime, images):
     b = Batcher(runtime, max_batch=2, max_in_flight=2)
     try:

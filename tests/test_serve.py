@@ -69,6 +69,7 @@ def test_happy_path(server, samples):
     assert 'itemrt_requests_total{endpoint="/v1/detect",status="200"}' in text
     assert "itemrt_stage_seconds_bucket" in text and 'stage="clip_image"' in text
     assert "itemrt_batch_size_count" in text and "itemrt_in_flight_images" in text
+    assert "itemrt_queued_images 0.0" in text  # every request answered, nothing waiting
     assert "itemrt_text_cache_hit_rate" in text
 
 
