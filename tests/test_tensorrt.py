@@ -1,13 +1,16 @@
 """The GPU path around TensorRT: profiles from the manifest, buffer planning, build records
-and their checks (all on CPU), backend selection errors; the TensorRT build and backend
+and their checks (all on CPU), backend selection errors, every CUDA and TensorRT name the
+code uses against the real bindings; the TensorRT build and backend
 themselves where TensorRT and a GPU exist (skipped elsewhere, with the reason)."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import shutil
 from itertools import pairwise
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,7 +191,6 @@ def test_every_cuda_call_exists_with_its_arity():
     """The TensorRT backend never runs here, so check each `cudart.X(...)` it makes against the
     real cuda-python bindings: the name (and enum members) exist and the positional argument
     count matches the binding's signature."""
-    import ast
     import inspect
     import re
 
@@ -219,6 +221,91 @@ def test_every_cuda_call_exists_with_its_arity():
             calls += 1
     assert calls >= 15 and "cudaGraphLaunch" in seen and "cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal" in seen
 
+
+
+# TensorRT's compiled Python bindings are a 1 MB wheel that pip can fetch anywhere, though
+# without TensorRT's libraries they cannot be imported. JetPack 6's 10.3, the newest 10.x and 11.x.
+TRT_BINDINGS = ("10.3.0", "10.13.3.9.post1", "11.4.0.106")
+
+
+def _trt_names(source_files: list[Path]) -> set[str]:
+    """Every TensorRT name the build and the backend use: `trt.X.Y` chains, attributes and keyword
+    arguments on values that come from TensorRT (followed through assignments, by name, in each
+    file), and the callbacks of the progress monitor."""
+    names: set[str] = set()
+    for path in source_files:
+        names |= _TrtNames(ast.parse(path.read_text())).names
+    return names
+
+
+class _TrtNames:
+    def __init__(self, tree: ast.AST):
+        self.typed: set[str] = set()  # names assigned a TensorRT value, grown to a fixed point
+        assigns = [n for n in ast.walk(tree) if isinstance(n, ast.Assign)]
+        while grown := {self.ident(t) for a in assigns if self.from_trt(a.value) for t in a.targets} - {None} - self.typed:
+            self.typed |= grown
+        self.names: set[str] = set()
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Attribute) and (self.rooted(n) or self.from_trt(n.value)):
+                self.names.add(n.attr)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and self.from_trt(n.func.value):
+                self.names |= {k.arg for k in n.keywords if k.arg}
+            if isinstance(n, ast.ClassDef) and any(isinstance(b, ast.Attribute) and self.rooted(b) for b in n.bases):
+                self.names |= {f.name for f in n.body if isinstance(f, ast.FunctionDef) and not f.name.startswith("__")}
+
+    @staticmethod
+    def ident(node) -> str | None:
+        return node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+
+    @staticmethod
+    def rooted(node) -> bool:  # trt, trt.X, trt.X.Y
+        while isinstance(node, ast.Attribute):
+            node = node.value
+        return isinstance(node, ast.Name) and node.id == "trt"
+
+    def from_trt(self, node) -> bool:
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            return self.rooted(node.func) or self.from_trt(node.func.value)
+        return self.ident(node) in self.typed
+
+
+@pytest.mark.parametrize("version", TRT_BINDINGS)
+def test_every_tensorrt_name_exists_in_the_bindings(version, request):
+    """TensorRT never runs here, so check each name the build and the backend use against the
+    string table of TensorRT's compiled bindings (and the package's Python part). This proves a
+    name exists in that release, not which class owns it. The linker shares string tails, so a
+    name counts when it ends a stored string: INPUT is kept as the end of CONDITIONAL_INPUT and
+    Builder as the end of IBuilder. A typo or a name a release removed still fails."""
+    import re
+    import subprocess
+    import sys
+    import zipfile
+
+    from itemrt import tensorrt as backend
+    from itemrt.export import build
+
+    folder = request.config.cache.mkdir("tensorrt-bindings")
+    wheels = list(folder.glob(f"tensorrt_cu12_bindings-{version}-*.whl"))
+    if not wheels:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+               "--python-version", "3.11", "--platform", "manylinux_2_17_x86_64", "--platform",
+               "manylinux_2_28_x86_64", "-d", str(folder), f"tensorrt-cu12-bindings=={version}"]
+        try:
+            done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            pytest.skip(f"fetching tensorrt-cu12-bindings {version} took over 300 s")
+        wheels = list(folder.glob(f"tensorrt_cu12_bindings-{version}-*.whl"))
+        if done.returncode or not wheels:
+            pytest.skip(f"tensorrt-cu12-bindings {version} could not be fetched: {done.stderr.strip()[-300:]}")
+    with zipfile.ZipFile(wheels[0]) as z:
+        binary = z.read(next(n for n in z.namelist() if re.search(r"tensorrt_bindings/tensorrt[^/]*\.so$", n)))
+        python = z.read("tensorrt_bindings/__init__.py").decode()
+    names = _trt_names([Path(backend.__file__), Path(build.__file__)])
+    assert {"execute_async_v3", "set_tensor_address", "set_optimization_profile_async", "STRONGLY_TYPED",
+            "build_serialized_network", "ignore_mismatch", "phase_start", "nptype"} <= names
+    in_python = {n for n in names if re.search(rf"^(def {n}\(|{n} = )", python, re.MULTILINE)}
+    missing = sorted(n for n in names - in_python if n.encode() + b"\0" not in binary)
+    assert not missing, f"not in TensorRT {version}'s bindings: {missing}"
 
 def _gpu() -> str | None:
     if not HAVE_TRT:
