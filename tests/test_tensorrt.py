@@ -1,6 +1,7 @@
 """The GPU path around TensorRT: profiles from the manifest, buffer planning, build records
 and their checks (all on CPU), backend selection errors, every CUDA and TensorRT name the
-code uses against the real bindings; the TensorRT build and backend
+code uses against the real bindings, the graphs against TensorRT's ONNX support matrix; the
+TensorRT build and backend
 themselves where TensorRT and a GPU exist (skipped elsewhere, with the reason)."""
 
 from __future__ import annotations
@@ -306,6 +307,64 @@ def test_every_tensorrt_name_exists_in_the_bindings(version, request):
     in_python = {n for n in names if re.search(rf"^(def {n}\(|{n} = )", python, re.MULTILINE)}
     missing = sorted(n for n in names - in_python if n.encode() + b"\0" not in binary)
     assert not missing, f"not in TensorRT {version}'s bindings: {missing}"
+
+
+# TensorRT's ONNX parser, from onnx-tensorrt's docs/operators.md for TensorRT 10 (opsets 9 to 20):
+# each operator the engine graphs use, with the types the matrix lists for it. An operator an
+# export change adds must be looked up there and added here (or the export changed back).
+TRT_OPSETS = (9, 20)
+TRT_ONNX_OPS = {
+    "BOOL": {"And"},
+    "FP32 FP16": {"Conv", "Einsum", "Elu", "Erf", "Gemm", "LayerNormalization", "MatMul", "Sigmoid", "Softmax"},
+    "FP32 FP16 INT32 INT64": {"Add", "ArgMax", "Div", "Equal", "IsNaN", "LessOrEqual", "Mul", "Range", "ReduceL2"},
+    "FP32 FP16 INT32 INT64 BOOL": {"Cast", "Concat", "Constant", "ConstantOfShape", "Expand", "Flatten", "Gather",
+                                   "Identity", "Reshape", "Shape", "Slice", "Squeeze", "Transpose", "Unsqueeze", "Where"},
+}
+# Inputs the matrix requires to be initializers (the parser takes Constant outputs as such).
+TRT_CONSTANT_INPUTS = {"Slice": (3,), "Squeeze": (1,), "Unsqueeze": (1,), "ReduceL2": (1,)}
+TRT_TYPE = {"FLOAT": "FP32", "FLOAT16": "FP16", "INT32": "INT32", "INT64": "INT64", "BOOL": "BOOL"}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_engine_graphs_use_only_what_tensorrt_parses(tiny_bundle, precision):
+    """`item build` is never run here, so hold every graph it would parse to TensorRT's ONNX
+    support matrix: opset, operators, their types, and the inputs that must be constant."""
+    import onnx
+
+    supported = {op: set(types.split()) for types, ops in TRT_ONNX_OPS.items() for op in ops}
+    b = Bundle.open(tiny_bundle)
+    problems, checked = [], 0
+    for name in ENGINE_COMPONENTS:
+        path, prec = b.component_path(name, precision)
+        if prec != precision:
+            continue  # this part's variant failed its gate; the build uses its FP32 graph, checked above
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+        g = model.graph
+        opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        if not TRT_OPSETS[0] <= opset <= TRT_OPSETS[1]:
+            problems.append(f"{name}: opset {opset}")
+        types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.output, *g.value_info)}
+        types |= {t.name: t.data_type for t in g.initializer}
+        constants = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+        for n in g.node:
+            checked += 1
+            where = f"{name}: {n.op_type} {n.name}"
+            if n.domain not in ("", "ai.onnx") or n.op_type not in supported:
+                problems.append(f"{where}: not in the matrix")
+                continue
+            tensors = [x for x in ((n.input[1],) if n.op_type == "Where" else n.input[:1]) if x]
+            dtypes = [onnx.TensorProto.DataType.Name(types.get(x, 0)) for x in tensors]
+            dtypes += [onnx.TensorProto.DataType.Name(a.i) for a in n.attribute if n.op_type == "Cast" and a.name == "to"]
+            dtypes += [onnx.TensorProto.DataType.Name(a.t.data_type) for a in n.attribute if a.name == "value"]
+            bad = [t for t in dtypes if TRT_TYPE.get(t) not in supported[n.op_type]]
+            if bad:
+                problems.append(f"{where}: type {bad}")
+            for i in TRT_CONSTANT_INPUTS.get(n.op_type, ()):
+                if i < len(n.input) and n.input[i] and n.input[i] not in constants:
+                    problems.append(f"{where}: input {i} is computed, TensorRT needs it constant")
+            if n.op_type == "LayerNormalization" and len([o for o in n.output if o]) > 1:
+                problems.append(f"{where}: TensorRT gives only its first output")
+    assert checked > 100 and not problems, problems
 
 def _gpu() -> str | None:
     if not HAVE_TRT:
