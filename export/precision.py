@@ -108,7 +108,10 @@ def _fp16(src: Path, dst: Path) -> None:
         convert_float_to_float16,
     )
 
-    model = convert_float_to_float16(
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = OnnxModel(convert_float_to_float16(
         onnx.load(str(src)), keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP16_KEEP_FP32]
-    )
-    onnx.save(model, str(dst))
+    ))
+    model.topological_sort()  # the converter appends its Casts last; ONNX wants producers first
+    onnx.save(model.model, str(dst))

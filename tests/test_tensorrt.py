@@ -327,8 +327,9 @@ TRT_TYPE = {"FLOAT": "FP32", "FLOAT16": "FP16", "INT32": "INT32", "INT64": "INT6
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_engine_graphs_use_only_what_tensorrt_parses(tiny_bundle, precision):
-    """`item build` is never run here, so hold every graph it would parse to TensorRT's ONNX
-    support matrix: opset, operators, their types, and the inputs that must be constant."""
+    """`item build` is never run here, so hold every graph it would parse to the ONNX checker
+    (full check: sorted nodes, consistent types, which a strongly typed build relies on) and to
+    TensorRT's ONNX support matrix: opset, operators, their types, the inputs that must be constant."""
     import onnx
 
     supported = {op: set(types.split()) for types, ops in TRT_ONNX_OPS.items() for op in ops}
@@ -338,7 +339,9 @@ def test_engine_graphs_use_only_what_tensorrt_parses(tiny_bundle, precision):
         path, prec = b.component_path(name, precision)
         if prec != precision:
             continue  # this part's variant failed its gate; the build uses its FP32 graph, checked above
-        model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model, full_check=True)  # valid ONNX, sorted, types consistent
+        model = onnx.shape_inference.infer_shapes(model)
         g = model.graph
         opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
         if not TRT_OPSETS[0] <= opset <= TRT_OPSETS[1]:
