@@ -107,7 +107,6 @@ def _fp16(src: Path, dst: Path) -> None:
         DEFAULT_OP_BLOCK_LIST,
         convert_float_to_float16,
     )
-
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     model = OnnxModel(convert_float_to_float16(

@@ -31,6 +31,8 @@ from .backend import check_feeds
 from .errors import BackendUnavailableError, BundleIntegrityError, BundleVersionError
 from .trt_plan import BufferPlan, check_shape
 
+MIN_TENSORRT = 10  # strongly typed networks and name-based I/O (`set_tensor_address`, `execute_async_v3`)
+
 
 def import_tensorrt():
     try:
@@ -40,7 +42,18 @@ def import_tensorrt():
             f"the tensorrt backend needs TensorRT's Python package (JetPack ships it; on x86: pip install "
             f"'itemrt[tensorrt]'): {e}"
         ) from None
+    check_tensorrt_version(trt.__version__)
     return trt
+
+
+def check_tensorrt_version(version: str) -> None:
+    """TensorRT 8.x (JetPack 6.0, 5.x) lacks what the build and the backend use: say so up front."""
+    major = int(version.split(".")[0])
+    if major < MIN_TENSORRT:
+        raise BackendUnavailableError(
+            f"TensorRT {version} is installed; the tensorrt backend and item build need TensorRT "
+            f"{MIN_TENSORRT}.x or newer (JetPack 6.1 or later on Jetson; on x86: pip install 'itemrt[tensorrt]')"
+        )
 
 
 def _cudart():

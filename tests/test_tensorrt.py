@@ -176,6 +176,16 @@ def test_without_tensorrt_the_backend_and_build_say_what_to_install(tiny_bundle,
     assert "BackendUnavailableError" in capsys.readouterr().err
 
 
+def test_tensorrt_older_than_10_is_refused_up_front():
+    from itemrt.tensorrt import check_tensorrt_version
+
+    for old in ("8.6.2.3", "9.3.0"):  # JetPack 6.0 ships 8.6
+        with pytest.raises(BackendUnavailableError, match=f"TensorRT {old} is installed.*10.x or newer"):
+            check_tensorrt_version(old)
+    for ok in ("10.3.0", "10.13.3.9.post1", "11.4.0.106"):
+        check_tensorrt_version(ok)
+
+
 def test_ort_gpu_providers_are_checked(tiny_bundle):
     import onnxruntime as ort
 
