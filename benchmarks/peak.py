@@ -1,7 +1,8 @@
-"""The machine's matmul peak as ONNX Runtime reaches it: the yardstick for per-stage GFLOP/s.
+"""The machine's matmul peak as the runtime reaches it: the yardstick for per-stage GFLOP/s.
 
 One large weight matmul (the shape of a ViT-L MLP layer), FP32 as exported, and INT8 and
-FP16 by the same conversions the bundles use, timed with the bench's thread count.
+FP16 by the same conversions the bundles use, on ONNX Runtime; BF16 on OpenVINO where this
+CPU has BF16 units. Timed with the bench's thread count.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ def _matmul_model(path: Path, k: int, n: int) -> None:
 
 def measure(threads: int = 0, repeats: int = 20) -> dict:
     """GFLOP/s (INT8: GOP/s) of the best of `repeats` runs, per precision."""
-    from itemrt.backend import OrtSession, SessionOptions
+    from itemrt.backend import SessionOptions
     from itemrt.export.precision import convert
+    from itemrt.openvino import bf16_support
+    from itemrt.runtime import open_session
 
     m, k, n = SHAPE
     x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
@@ -48,9 +51,10 @@ def measure(threads: int = 0, repeats: int = 20) -> dict:
         for name in ("int8", "fp16"):
             paths[name] = Path(tmp) / f"{name}.onnx"
             convert(name, fp32, paths[name])
+        if bf16_support() is None:
+            paths["bf16"] = fp32
         for name, path in paths.items():
-            opts = SessionOptions(threads=threads, optimization=SessionOptions.optimization_for(name))
-            s = OrtSession(path, f"peak_{name}", opts)
+            s = open_session(path, f"peak_{name}", name, SessionOptions(threads=threads))
             s.run({"x": x})
             best = float("inf")
             for _ in range(repeats):

@@ -52,12 +52,13 @@ def backend_report(raw: dict, peak: dict, precision: str) -> dict:
         g = raw["gpu_runs"]
         out["gpu_stages_ms"] = {k: stats([r.get(k, 0.0) for r in g]) for k in g[0]}
     if "flops" in raw:
-        out["gflops"] = _gflops(raw, peak.get(f"{precision}_gflops"))
+        out["gflops"] = _gflops(raw, peak, precision)
     return out
 
 
-def _gflops(raw: dict, peak: float | None) -> dict:
-    """Per stage: matmul GFLOP per image and the achieved rate, each run against its own image."""
+def _gflops(raw: dict, peak: dict, precision: str) -> dict:
+    """Per stage: matmul GFLOP per image and the achieved rate, each run against its own image,
+    set against the peak of the precision that stage's graph really ran in."""
     out = {}
     for stage in raw["flops"][0]:
         rates = [
@@ -69,7 +70,8 @@ def _gflops(raw: dict, peak: float | None) -> dict:
         if gflop == 0 or not rates:
             continue  # no matmuls recorded (e.g. an Einsum-only graph)
         rate = float(np.median(rates))
-        out[stage] = {"gflop": gflop, "achieved_gflops": rate, "of_peak": rate / peak if peak else None}
+        top = peak.get(f"{raw['precisions'].get(stage, precision)}_gflops")
+        out[stage] = {"gflop": gflop, "achieved_gflops": rate, "of_peak": rate / top if top else None}
     return out
 
 
@@ -106,9 +108,9 @@ def table(rep: dict) -> str:
         f"machine     {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB; ISA {' '.join(m['isa']) or '-'}",
         (f"settings    {s['runs']} runs after {s['warmup']} warm-up, tokens {s['tokens']}, objects {s['objects']}, "
         f"threads {s['threads'] or 'all'}, text cache {s['text_cache']}"),
-        (f"matmul peak (ONNX Runtime, {'x'.join(map(str, rep['matmul_peak']['shape_mkn']))}): "
-        f"fp32 {rep['matmul_peak']['fp32_gflops']:.0f} GFLOP/s, int8 {rep['matmul_peak']['int8_gflops']:.0f} GOP/s, "
-        f"fp16 {rep['matmul_peak']['fp16_gflops']:.0f} GFLOP/s"),
+        (f"matmul peak ({'x'.join(map(str, rep['matmul_peak']['shape_mkn']))}): "
+        + ", ".join(f"{k[:-7]} {v:.0f} {'GOP/s' if k.startswith('int8') else 'GFLOP/s'}"
+                    for k, v in rep["matmul_peak"].items() if k.endswith("_gflops"))),
     ]
     ok = _ok(rep)
     for name, b in rep["backends"].items():

@@ -25,7 +25,15 @@ from itemrt.words import PROBE_WORDS
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    # VmHWM is this process image's own peak. ru_maxrss survives exec on Linux, so a worker
+    # would report at least the bench parent's RSS at fork (torch imported: ~500 MB).
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
 
 
 def _log(msg: str) -> None:
@@ -154,7 +162,9 @@ def _profile_flops(args, Runtime, blobs) -> list[dict[str, int]]:
     with tempfile.TemporaryDirectory() as tmp:
         for i, blob in enumerate(blobs):
             prefix = os.path.join(tmp, f"img{i}-")
-            with Runtime(args.bundle, precision=args.precision, threads=args.threads, verify=False,
+            # OpenVINO writes no ORT profile: bf16 runs the FP32 graphs' arithmetic, so count that.
+            precision = "fp32" if args.precision == "bf16" else args.precision
+            with Runtime(args.bundle, precision=precision, threads=args.threads, verify=False,
                          profile_prefix=prefix) as rt:
                 rt.detect(blob, max_new_tokens=args.tokens, words=_words(args))
                 per_image.append({name: profile_flops(s.end_profiling()) for name, s in rt.sessions.items()})

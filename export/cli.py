@@ -23,9 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--max-objects", type=int, default=4)
     p.add_argument("--det-threshold", type=float, default=0.1)
-    p.add_argument("--precisions", nargs="*", choices=["int8", "fp16"], default=["int8"],
-                   help="reduced-precision variants to make and gate (default: int8; fp16 is for GPUs; "
-                        "none: give the flag alone)")
+    p.add_argument("--precisions", nargs="*", choices=["int8", "fp16", "bf16"], default=["int8"],
+                   help="reduced-precision variants to make and gate (default: int8; fp16 is for GPUs; bf16 "
+                        "for CPUs with AMX or AVX512-BF16, run by OpenVINO; none: give the flag alone)")
     p.add_argument("--parity-images", nargs="+", default=None, help="images for the parity checks (default: samples)")
 
 

@@ -30,9 +30,10 @@ from itemrt.bundle import (
 )
 from itemrt.errors import ItemError
 from itemrt.images import load_image
+from itemrt.openvino import require_bf16
 from itemrt.preprocess import preprocess
 from itemrt.recipe import recipe
-from itemrt.runtime import Runtime
+from itemrt.runtime import Runtime, open_session
 from itemrt.text import TextTokenizer, TextTower, TokenizerSpec
 from itemrt.words import DEFAULT_VOCABULARY, PROBE_WORDS, Vocabulary
 
@@ -52,7 +53,7 @@ from .parity import (
     reference_cases,
     save_chain_pairs,
 )
-from .precision import METHODS, VARIANT_PARTS, convert, output_projections
+from .precision import METHODS, convert, output_projections, variant_file, variant_parts
 from .random_init import build_random_checkpoints, size_config
 from .reference import reference_for_bundle
 
@@ -100,6 +101,8 @@ def export_bundle(
 ) -> Path:
     out = Path(out)
     t_start = time.perf_counter()
+    if "bf16" in precisions:  # its gate runs here, on this CPU: say so before the long export
+        require_bf16()
     if random_init:
         srcs = random_checkpoints(random_init, seed, progress)
         head_cfg = size_config(random_init)["head"]
@@ -197,7 +200,7 @@ def _write_bundle(root: Path, m: Models, images, head_cfg: dict, *, progress, **
         progress(f"[{i}/{steps}] {name}: export")
         t0 = time.perf_counter()
         entry = export_onnx(module, args, root / f"{name}.onnx", ins, outs, axes)
-        sess = OrtSession(root / entry["file"], name, SessionOptions())
+        sess = open_session(root / entry["file"], name, "fp32")
         with torch.no_grad():
             ref = module(*check_inputs)
         ref = ref if isinstance(ref, tuple) else (ref,)
@@ -211,7 +214,7 @@ def _write_bundle(root: Path, m: Models, images, head_cfg: dict, *, progress, **
         progress(f"[{i}/{steps}] {name}: {entry['seconds']}s, parity " + ("ok" if not bad else f"FAILED on {bad}"))
         if bad:
             raise ParityError(f"{name}: ONNX output {bad} differs from PyTorch: {entry['parity']}")
-        for precision in opt["precisions"] if name in VARIANT_PARTS else ():
+        for precision in (p for p in opt["precisions"] if name in variant_parts(p)):
             v = _variant(root, name, precision, ins, outs, check_inputs, ref)
             entry.setdefault("variants", {})[precision] = v
             progress(f"[{i}/{steps}] {name}: {precision} {v['seconds']}s, gate " + ("ok" if v["passed"] else "FAILED"))
@@ -339,12 +342,12 @@ def _variant(root: Path, name: str, precision: str, ins, outs, check_inputs, ref
     """Convert one graph and gate it against the same PyTorch outputs as its FP32 graph.
     An INT8 graph that fails is tried once more with its output projections kept FP32."""
     t0 = time.perf_counter()
-    rel = f"{precision}/{name}.onnx"
+    rel = variant_file(precision, name)
     attempts = []
 
     def attempt(keep: tuple[str, ...]) -> dict:
         convert(precision, root / f"{name}.onnx", root / rel, keep_fp32=keep)
-        sess = OrtSession(root / rel, name, SessionOptions(optimization=SessionOptions.optimization_for(precision)))
+        sess = open_session(root / rel, name, precision)
         got = sess.run({k: v.numpy() for k, v in zip(ins, check_inputs)})
         parity = {
             o: (compare_boxes if o == "pred_boxes" else compare)(r.numpy(), got[o], REDUCED) for o, r in zip(outs, ref)
@@ -415,7 +418,8 @@ def _choose(root: Path, manifest: dict, precision: str, cases, progress) -> Chai
         v["used"] = n in chosen
         if not v["used"]:
             v["reason"] = "own gate failed" if not v["passed"] else "chain gate failed with it"
-            (root / v["file"]).unlink(missing_ok=True)
+            if v["file"] != comps[n]["file"]:  # a bf16 variant is the FP32 graph itself
+                (root / v["file"]).unlink(missing_ok=True)
     manifest.setdefault("precisions", {})[precision] = {
         "method": METHODS[precision],
         "gates": REDUCED.to_dict(),

@@ -2,7 +2,7 @@
 
 One small interface, `Session.run(feeds) -> outputs by name`, so the model modules do not
 care which engine runs a graph: ONNX Runtime (CPU by default, or its CUDA / TensorRT
-execution providers) here, TensorRT plans in `tensorrt.py`.
+execution providers) here, OpenVINO's BF16 in `openvino.py`, TensorRT plans in `tensorrt.py`.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -44,6 +45,17 @@ class SessionOptions:
         # ORT's highest level has crashed on FP16 graphs on CPU (DESIGN.md). onnxruntime 1.32 runs the
         # sorted full-size FP16 graphs at either level; the floor here is 1.17, so stay at extended.
         return "extended" if precision == "fp16" else "all"
+
+
+class Session(Protocol):
+    """What the model modules need from a graph: OrtSession, OvSession (openvino.py) or
+    TrtSession (tensorrt.py)."""
+
+    name: str
+    inputs: dict[str, type]
+    outputs: list[str]
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]: ...
 
 
 class OrtSession:

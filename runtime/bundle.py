@@ -36,8 +36,9 @@ REQUIRED_COMPONENTS = (
 
 
 # Numeric precisions a component can have. FP32 is the exported graph itself; others are
-# variants that passed their parity gate at export ("used" in the manifest).
-PRECISIONS = ("fp32", "int8", "fp16")
+# variants that passed their parity gate at export ("used" in the manifest). A bf16 variant
+# is the FP32 graph itself, run in BF16 by OpenVINO (openvino.py).
+PRECISIONS = ("fp32", "int8", "fp16", "bf16")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

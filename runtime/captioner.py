@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import OrtSession
+from .backend import Session
 from .errors import BundleVersionError
 from .tensorrt import DeviceArray, TrtSession
 from .text import TextTokenizer
@@ -40,9 +40,9 @@ class Captions:
 class Captioner:
     def __init__(
         self,
-        vision: OrtSession | TrtSession,
-        cross_kv: OrtSession | TrtSession,
-        decoder: OrtSession | TrtSession,
+        vision: Session,
+        cross_kv: Session,
+        decoder: Session,
         tokenizer: TextTokenizer,
         spec: DecodingSpec,
     ):
@@ -91,7 +91,7 @@ class Captioner:
 class HostKV:
     """Decoder state in host memory: each step feeds the last step's present K/V back as past."""
 
-    def __init__(self, decoder: OrtSession, cross_k: np.ndarray, cross_v: np.ndarray, kv_shape: tuple[int, ...]):
+    def __init__(self, decoder: Session, cross_k: np.ndarray, cross_v: np.ndarray, kv_shape: tuple[int, ...]):
         self.decoder, self.cross_k, self.cross_v = decoder, cross_k, cross_v
         self.past = np.zeros(kv_shape, np.float32)
 

@@ -7,7 +7,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .backend import OrtSession
+from .backend import Session
 from .text import TextTower
 
 
@@ -45,7 +45,7 @@ class LRUCache:
 
 
 class Clip:
-    def __init__(self, image: OrtSession, text: TextTower, cache_size: int = 4096):
+    def __init__(self, image: Session, text: TextTower, cache_size: int = 4096):
         self.image, self.text = image, text
         self.cache = LRUCache(cache_size)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import OrtSession
+from .backend import Session
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class Detection:
 class Detector:
     """Queries come from the bundle's word bank (built at export with the text tower)."""
 
-    def __init__(self, image: OrtSession, head: OrtSession):
+    def __init__(self, image: Session, head: Session):
         self.image, self.head = image, head
 
     def encode_image(self, pixels: np.ndarray) -> dict[str, np.ndarray]:

@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .backend import BACKENDS, OrtSession, SessionOptions, ort_providers
+from .backend import BACKENDS, OrtSession, Session, SessionOptions, ort_providers
 from .bundle import PRECISIONS, Bundle
 from .captioner import Captioner, DecodingSpec
 from .clip import Clip
 from .detector import Detection, Detector
 from .errors import BundleIntegrityError, BundleVersionError, ImageError
 from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, crop_box, load_image
+from .openvino import OvSession
 from .preprocess import ImageSpec, preprocess
 from .recipe import Pairs, distances, recipe
 from .results import Analysis, DetectionResult, ObjectResult
@@ -59,14 +60,23 @@ class WordBank:
         return [self.index[w] for w in words]
 
 
+def open_session(path: Path, name: str, precision: str, options: SessionOptions | None = None) -> Session:
+    """A graph of `precision` on the CPU backend: bf16 on OpenVINO, the rest on ONNX Runtime."""
+    options = options or SessionOptions()
+    if precision == "bf16":
+        return OvSession(path, name, options.threads)
+    return OrtSession(path, name, replace(options, optimization=options.optimization_for(precision)))
+
+
 class Runtime:
     """Load a bundle once; detect on paths, bytes, PIL images or HxWx3 uint8 arrays.
 
     `backend`: "onnxruntime" (CPU), "ort-cuda" / "ort-tensorrt" (ONNX Runtime's CUDA and
     TensorRT execution providers; the latter caches its engines in the bundle), or "tensorrt"
     (the plans `item build` made for this GPU and TensorRT version; the head stays on ORT).
-    `precision`: "fp32" (the exported graphs, parity 1e-4), or "int8" / "fp16" (the variants
-    that passed their gate at export; the rest stay FP32; FP16 on CPU is for checking, slow).
+    `precision`: "fp32" (the exported graphs, parity 1e-4), or "int8" / "fp16" / "bf16" (the
+    variants that passed their gate at export; the rest stay FP32; FP16 on CPU is for checking,
+    slow; bf16 runs its graphs on OpenVINO, for CPUs with AMX or AVX512-BF16).
     Default: the bundle's `default_precision` on CPU, fp16 (where gated) on the GPU backends.
     `self.precisions` says what each graph really runs in. `profile_prefix` makes ONNX Runtime
     write per-node profiles (item-bench counts FLOPs from them).
@@ -105,12 +115,14 @@ class Runtime:
                 f"bundle {b.root} has no {self.precision} graphs (it has {b.precisions()}); "
                 f"re-export it with `item export --precisions {self.precision} ...`"
             )
+        if self.precision == "bf16" and backend != "onnxruntime":
+            raise ValueError(f"precision bf16 is a CPU path (OpenVINO on AMX); backend {backend} runs fp32 / fp16")
         opts = SessionOptions(threads=threads, profile_prefix=profile_prefix,
                               providers=ort_providers("onnxruntime" if plans else backend, b.root / PLANS_DIR / "ort-cache"))
         self.precisions: dict[str, str] = {}
-        self.sessions: dict[str, OrtSession | TrtSession] = {}
+        self.sessions: dict[str, Session] = {}
 
-        def session(name: str) -> OrtSession | TrtSession:
+        def session(name: str) -> Session:
             if plans and name in plans["plans"]:
                 rec = plans["plans"][name]
                 self.precisions[name] = rec["precision"]
@@ -118,7 +130,7 @@ class Runtime:
                 return self.sessions[name]
             path, prec = b.component_path(name, self.precision)
             self.precisions[name] = prec
-            self.sessions[name] = OrtSession(path, name, replace(opts, optimization=opts.optimization_for(prec)))
+            self.sessions[name] = open_session(path, name, prec, opts)
             return self.sessions[name]
 
         def tokenizer(section: str) -> TextTokenizer:

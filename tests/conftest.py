@@ -18,9 +18,22 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, cache_dir) -> Path:
     from itemrt.export.pipeline import export_bundle
+    from itemrt.openvino import bf16_support
 
     out = tmp_path_factory.mktemp("engines") / "tiny"
-    return export_bundle(out, random_init="tiny", seed=0, precisions=("int8", "fp16"), progress=lambda msg: None)
+    # bf16 is gated on the exporting CPU: only where it has BF16 units (tests then skip with why).
+    precisions = ("int8", "fp16", "bf16") if bf16_support() is None else ("int8", "fp16")
+    return export_bundle(out, random_init="tiny", seed=0, precisions=precisions, progress=lambda msg: None)
+
+
+def need_precision(bundle: Path, precision: str) -> None:
+    """Skip, saying why, when the tiny bundle has no `precision` gate record."""
+    import json
+
+    from itemrt.openvino import bf16_support
+
+    if precision not in json.loads((bundle / "manifest.json").read_text())["precisions"]:
+        pytest.skip(f"{precision} was not exported here: {bf16_support()}")
 
 
 @pytest.fixture(scope="session")
