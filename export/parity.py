@@ -162,6 +162,25 @@ def chain_parity(runtime, cases: list[Case], gates: Gates = FP32) -> ChainParity
     return ChainParity({"passed": bool(passed), "summary": summary, "gates": gates.to_dict(), "images": rows}, pairs)
 
 
+_CAPTIONER = ("captioner_vision", "captioner_cross_kv", "captioner_decoder")
+_ALL = (*_CAPTIONER, "detector_image", "clip_image", "clip_text")
+
+
+def suspects(summary: dict, gates: Gates) -> tuple[str, ...]:
+    """The graphs that can break the first check a chain failed, in chain order. Tokens come
+    from the captioner alone; words and found flags also from the detector; boxes from the
+    detector; embeddings from CLIP and the crops the boxes make; a decision from anything."""
+    if not summary["tokens_equal"]:
+        return _CAPTIONER
+    if not summary["words_equal"]:
+        return (*_CAPTIONER, "detector_image")
+    if summary["box_iou_min"] < gates.iou_min:
+        return ("detector_image",)
+    if summary["embed_cos_min"] < gates.cos_min:
+        return ("detector_image", "clip_image", "clip_text")
+    return _ALL
+
+
 # The pairs each chain's head read on the parity cases, kept in the bundle so that a head
 # trained later is checked on exactly the inputs the chain gates saw (`head_check`).
 CHAIN_PAIRS = "parity/chain_pairs.npz"

@@ -52,6 +52,7 @@ from .parity import (
     compare_boxes,
     reference_cases,
     save_chain_pairs,
+    suspects,
 )
 from .precision import METHODS, convert, output_projections, variant_file, variant_parts
 from .random_init import build_random_checkpoints, size_config
@@ -385,9 +386,11 @@ def _choose(root: Path, manifest: dict, precision: str, cases, progress) -> Chai
     """Use the `precision` graphs whose chain keeps tokens, words, boxes and decisions.
 
     All graphs that passed their own gate are tried together; if the chain fails, each is
-    tried alone, and the set of those that pass alone is shrunk, worst graph first, until
-    the chain passes. The bundle records every attempt; unused files are deleted. Returns
-    the passing chain's parity (None when no graph is used).
+    tried alone, and the set of those that pass alone is shrunk until the chain passes. Each
+    step drops the graph with the worst own-gate cosine among those that can break the check
+    that failed (`parity.suspects`): changed tokens never cost the CLIP graphs. The bundle
+    records every attempt; unused files are deleted. Returns the passing chain's parity (None
+    when no graph is used).
     """
     comps = manifest["components"]
     variants = {n: c["variants"][precision] for n, c in comps.items() if precision in c.get("variants", {})}
@@ -412,7 +415,8 @@ def _choose(root: Path, manifest: dict, precision: str, cases, progress) -> Chai
         chosen = [n for n in chosen if attempt([n]).passed]
         chain = attempt(chosen) if chosen else None
         while chain is not None and not chain.passed:
-            chosen.remove(min(chosen, key=worst_cos))
+            blamed = [n for n in chosen if n in suspects(chain.report["summary"], REDUCED)] or chosen
+            chosen.remove(min(blamed, key=worst_cos))
             chain = attempt(chosen) if chosen else None
     for n, v in variants.items():
         v["used"] = n in chosen

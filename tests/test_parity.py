@@ -230,3 +230,21 @@ def test_reference_chain_in_fp16(tiny_bundle, samples):
     cos = np.sum(a.image_embeds * b.image_embeds, -1) / norms
     assert cos.min() >= 0.999
     assert (a.p_fake >= 0.5) == (b.p_fake >= 0.5)
+
+
+@pytest.mark.parametrize(("failed", "blamed"), [
+    ({"tokens_equal": False, "words_equal": False}, {"captioner_vision", "captioner_cross_kv", "captioner_decoder"}),
+    ({"words_equal": False}, {"captioner_vision", "captioner_cross_kv", "captioner_decoder", "detector_image"}),
+    ({"box_iou_min": 0.5}, {"detector_image"}),
+    ({"embed_cos_min": 0.99}, {"detector_image", "clip_image", "clip_text"}),
+    ({"decisions_equal": False}, {"captioner_vision", "captioner_cross_kv", "captioner_decoder", "detector_image",
+                                  "clip_image", "clip_text"}),
+])
+def test_chain_gate_blames_only_graphs_that_can_break_the_failed_check(failed, blamed):
+    """Shrinking a failed reduced-precision chain drops a graph that can cause the failure:
+    at full size, bf16 tokens flipped, and dropping CLIP graphs for it would lose the speed."""
+    from itemrt.export.parity import suspects
+
+    ok = {"tokens_equal": True, "words_equal": True, "box_iou_min": 1.0, "embed_cos_min": 1.0,
+          "decisions_equal": True, "p_fake_abs_diff_max": 0.0}
+    assert set(suspects({**ok, **failed}, REDUCED)) == blamed
