@@ -412,8 +412,10 @@ def _choose(root: Path, manifest: dict, precision: str, cases, progress) -> Chai
     chosen = [n for n, v in variants.items() if v["passed"]]
     chain = attempt(chosen) if chosen else None
     if chain is not None and not chain.passed:
+        together = chosen
         chosen = [n for n in chosen if attempt([n]).passed]
-        chain = attempt(chosen) if chosen else None
+        if chosen != together:  # all passing alone: the failed first attempt already says so
+            chain = attempt(chosen) if chosen else None
         while chain is not None and not chain.passed:
             blamed = [n for n in chosen if n in suspects(chain.report["summary"], REDUCED)] or chosen
             chosen.remove(min(blamed, key=worst_cos))

@@ -3,7 +3,7 @@
 INT8 is dynamic quantization of the weight matmuls: weights int8 per output channel,
 activations uint8 per call, so no calibration data is needed. On CPUs with VNNI or AMX the
 matmuls run on the integer units (item-bench at full size on this project's Xeon: CLIP image
-4.0x, cross K/V 3.4x, CLIP text 2.5x faster than FP32; README "Speed"). Attention's
+5.4x, cross K/V 3.9x, CLIP text 3.3x faster than FP32; README "Speed"). Attention's
 activation-by-activation matmuls, LayerNorm and softmax stay FP32.
 
 FP16 puts the precision in the graph itself (DESIGN.md section 5): weights and activations

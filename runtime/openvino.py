@@ -1,9 +1,9 @@
 """BF16 on CPUs with AMX or AVX512-BF16: the exported FP32 graphs, run by OpenVINO's CPU plugin.
 
 ONNX Runtime's CPU provider has no BF16 matmuls on x86; OpenVINO runs an FP32 ONNX graph with
-BF16 weights and activations on the AMX tiles when asked to (`INFERENCE_PRECISION_HINT`). On
-this project's 2-core Xeon that made the vision towers about 4x faster than ONNX Runtime FP32
-(README "Speed"). No new file: the bf16 "variant" of a graph is its FP32 graph plus this
+BF16 weights and activations on the AMX tiles when asked to (`INFERENCE_PRECISION_HINT`).
+On this project's 2-core Xeon that made the detector and CLIP image about 3x faster than
+ONNX Runtime FP32 (README "Speed"). No new file: the bf16 "variant" of a graph is its FP32 graph plus this
 setting, gated like any other variant at export. The decoder is not a candidate: OpenVINO
 re-plans on every step's longer K/V cache and measured slower than ONNX Runtime FP32 there.
 """
