@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .backend import BACKENDS
@@ -122,19 +124,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # the Ctrl-C path: work kept, temporary files removed
+
+
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    # SIGTERM (systemd, docker stop, kill) takes the Ctrl-C path. Not for `item serve`: uvicorn
+    # drains requests on it, then re-raises it so a supervisor sees a signalled, clean stop.
+    on_main = threading.current_thread() is threading.main_thread() and args.cmd != "serve"
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main else None
     try:
         rc = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         return rc
+    except KeyboardInterrupt:
+        print(f"item {args.cmd}: interrupted", file=sys.stderr)
+        return 130
     except ItemError as err:
         print(f"item: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `item info B | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 0
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)  # main() called from Python leaves no trace
 
 
 def _detect(args) -> int:

@@ -88,3 +88,24 @@ def test_detect_on_folders(tiny_bundle, samples, tmp_path):
     assert r.returncode == 0, r.stderr
     stem = samples[0].stem
     assert sorted(p.name for p in out.iterdir()) == [f"{stem}-2.explain.png", f"{stem}.explain.png"]
+
+
+def test_sigterm_during_export_leaves_no_half_bundle(tmp_path, cache_dir):
+    """`docker stop` / systemd on a long export: it stops, says so, and removes its temporary
+    folder (a full-size one holds gigabytes); no bundle appears."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "engines" / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "itemrt.cli", "export", "--random-init", "tiny", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "ITEMRT_CACHE": str(cache_dir)})
+    deadline = time.monotonic() + 120
+    while not list(out.parent.glob(".b-*")):  # the export is writing its temporary bundle
+        assert proc.poll() is None and time.monotonic() < deadline, "export ended before it could be stopped"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "item export: interrupted" in err, err[-2000:]
+    assert list(out.parent.iterdir()) == []
