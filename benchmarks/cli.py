@@ -92,12 +92,13 @@ def _skip_reason(name: str, bundle) -> str | None:
             return "TensorRT is not installed here (the GPU path: `item build` on the target machine)"
         if not bundle.manifest.get("tensorrt"):
             return f"the bundle has no TensorRT engines: run `item build {bundle.root}` on this machine"
-    if precision not in bundle.precisions():
-        return f"the bundle has no {precision} graphs (not in `item export --precisions`, or none passed its gate)"
-    if precision == "bf16":
+    if precision == "bf16":  # the machine first: a bundle exported here without BF16 units has none either
         from itemrt.openvino import bf16_support
 
-        return bf16_support()
+        if (why := bf16_support()) is not None:
+            return why
+    if precision not in bundle.precisions():
+        return f"the bundle has no {precision} graphs (not in `item export --precisions`, or none passed its gate)"
     return None
 
 
