@@ -24,8 +24,8 @@ from pathlib import Path
 # Graphs worth a variant: the big matmul stacks the runtime executes on every image.
 # detector_text only builds the word bank at export; the two heads are a few kFLOP.
 VARIANT_PARTS = ("captioner_vision", "captioner_cross_kv", "captioner_decoder", "detector_image", "clip_image", "clip_text")
-# OpenVINO re-plans the decoder for every step's longer K/V cache: 20 greedy steps of BLIP base
-# took 1240 ms in BF16 against 496 ms on ONNX Runtime FP32 (this project's Xeon), so it stays out.
+# The decoder's K/V cache grows every step; on OpenVINO, 20 greedy steps of BLIP base took
+# 1240 ms in BF16 against 496 ms on ONNX Runtime FP32 (timed ad hoc on this project's Xeon).
 BF16_PARTS = tuple(p for p in VARIANT_PARTS if p != "captioner_decoder")
 
 # Ops that overflow or lose too much in FP16 (the field's most common accuracy bug).
@@ -51,7 +51,7 @@ METHODS = {
     "bf16": {
         "tool": "OpenVINO CPU plugin, INFERENCE_PRECISION_HINT=bf16",
         "graph": "the FP32 graph itself, no new file",
-        "weights": "bf16",
+        "weights": "stored fp16 (OpenVINO's weight compression), multiplied in bf16",
         "activations": "bf16 where OpenVINO's CPU plugin has a bf16 kernel, else fp32",
         "needs": "a CPU with AMX-BF16 or AVX512-BF16, and `pip install 'itemrt[openvino]'`",
     },

@@ -3,13 +3,14 @@
 ONNX Runtime's CPU provider has no BF16 matmuls on x86; OpenVINO runs an FP32 ONNX graph with
 BF16 weights and activations on the AMX tiles when asked to (`INFERENCE_PRECISION_HINT`).
 On this project's 2-core Xeon that made the detector and CLIP image about 3x faster than
-ONNX Runtime FP32 (README "Speed"). No new file: the bf16 "variant" of a graph is its FP32 graph plus this
-setting, gated like any other variant at export. The decoder is not a candidate: OpenVINO
-re-plans on every step's longer K/V cache and measured slower than ONNX Runtime FP32 there.
+ONNX Runtime FP32 (README "Speed"). No new file: the bf16 "variant" of a graph is its FP32
+graph plus this setting, gated like any other variant at export. The decoder, whose K/V cache
+grows every step, is not a candidate: OpenVINO timed 2.5x slower than ONNX Runtime there.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
 
@@ -31,13 +32,19 @@ def import_openvino():
     return openvino
 
 
+@functools.cache
+def _core():
+    return import_openvino().Core()
+
+
+@functools.cache
 def bf16_support() -> str | None:
     """None when this machine can run bf16 graphs, else why not."""
     try:
-        ov = import_openvino()
+        core = _core()
     except BackendUnavailableError as e:
         return str(e)
-    caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     if "BF16" not in caps:
         # OpenVINO would quietly run FP32 instead: not what the gate checked, and no faster.
         return f"this CPU has no BF16 units (OpenVINO reports {list(caps)}); use fp32 or int8"
@@ -55,14 +62,13 @@ class OvSession:
 
     def __init__(self, path: Path, name: str, threads: int = 0):
         require_bf16()
-        ov = import_openvino()
         config = {
             "INFERENCE_PRECISION_HINT": "bf16",
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": 1,
             "INFERENCE_NUM_THREADS": threads,  # 0: OpenVINO picks (every physical core)
         }
-        core = ov.Core()
+        core = _core()
         try:
             model = core.read_model(str(path))
             _compress_weights(model)
