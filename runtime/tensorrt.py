@@ -87,33 +87,33 @@ def device_info(device: int = 0) -> tuple[str, tuple[int, int]]:
     return name.strip("\x00"), (int(prop.major), int(prop.minor))
 
 
-class _Worker:
-    """One thread's context, stream and buffers for one engine."""
+class DeviceBuffers:
+    """The CUDA side of a worker, apart from TensorRT: one stream, one device allocation and
+    its pinned host twin laid out by a `BufferPlan`, and the CUDA graphs captured on that
+    stream. Owns all of them (`close` frees them)."""
 
-    def __init__(self, engine, inputs: dict, outputs: list[str], profile: dict, dtypes: dict, extra: dict | None = None):
+    def __init__(self, plan: BufferPlan, stream):
         cudart = _cudart()
-        self.ctx = engine.create_execution_context()
-        if self.ctx is None:
-            raise RuntimeError("TensorRT could not create an execution context (out of device memory?)")
-        self.stream = _check(cudart.cudaStreamCreate())
-        self.ctx.set_optimization_profile_async(0, self.stream)
-        # Largest shapes: every input at its profile maximum, then ask TensorRT for the outputs.
-        for name, (_, _, hi) in profile.items():
-            self.ctx.set_input_shape(name, hi)
-        shapes = {n: (tuple(profile[n][2]), dtypes[n]) for n in inputs}
-        shapes.update({n: (tuple(self.ctx.get_tensor_shape(n)), dtypes[n]) for n in outputs})
-        shapes.update({n: (shapes[like][0], dtypes[like]) for n, like in (extra or {}).items()})  # scratch twins
-        self.plan = BufferPlan.for_shapes(shapes)
-        self.graphs: dict[tuple, object] = {}  # caller's key (fixing shapes and addresses) -> CUDA graph exec
-        self.graphable = True
-        self.device = _check(cudart.cudaMalloc(self.plan.total))
-        self.host = _check(cudart.cudaMallocHost(self.plan.total))
-        self.host_bytes = np.ctypeslib.as_array((ctypes.c_uint8 * self.plan.total).from_address(int(self.host)))
-        for name in (*inputs, *outputs):
-            self.ctx.set_tensor_address(name, self.address(name))
+        self.plan, self.stream = plan, stream
+        self.graphs: dict[tuple, object] = {}  # caller's key (fixing shapes and addresses) -> graph exec
+        self.device = self.host = None
+        try:
+            self.device = _check(cudart.cudaMalloc(plan.total))
+            self.host = _check(cudart.cudaMallocHost(plan.total))
+        except Exception:
+            self.close()
+            raise
+        self.host_bytes = np.ctypeslib.as_array((ctypes.c_uint8 * plan.total).from_address(int(self.host)))
 
     def address(self, name: str) -> int:
         return int(self.device) + self.plan.slots[name].offset
+
+    def view(self, name: str, shape) -> np.ndarray:
+        """The pinned host slot of `name` as an array of `shape`."""
+        slot = self.plan.slots[name]
+        dtype = np.dtype(slot.dtype)
+        n = int(np.prod(shape, dtype=np.int64))
+        return self.host_bytes[slot.offset : slot.offset + n * dtype.itemsize].view(dtype).reshape(shape)
 
     def upload(self, name: str, x: np.ndarray) -> None:
         cudart = _cudart()
@@ -124,6 +124,7 @@ class _Worker:
             _check(cudart.cudaMemcpyAsync(int(self.device) + off, int(self.host) + off, x.nbytes, kind, self.stream))
 
     def download(self, name: str, shape) -> None:
+        """Queue the copy of `name` (`shape`) to its host slot; `view` it after `sync`."""
         cudart = _cudart()
         slot = self.plan.slots[name]
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(slot.dtype).itemsize
@@ -131,57 +132,95 @@ class _Worker:
             kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
             _check(cudart.cudaMemcpyAsync(int(self.host) + slot.offset, int(self.device) + slot.offset, nbytes, kind, self.stream))
 
-    def execute(self, graph_key: tuple | None = None) -> bool:
-        """Enqueue the engine; with a key, through a CUDA graph captured for that key."""
-        if graph_key is None or not self.graphable:
-            return bool(self.ctx.execute_async_v3(self.stream))
+    def sync(self) -> None:
         cudart = _cudart()
-        graph = self.graphs.get(graph_key)
+        _check(cudart.cudaStreamSynchronize(self.stream))
+
+    def replay(self, key: tuple, enqueue) -> bool:
+        """Run `enqueue()` (which queues work on this stream and returns success) through a
+        CUDA graph captured for `key`. The first call for a key runs it plainly (its results
+        are the call's: TensorRT does shape-dependent setup on the first enqueue after a
+        shape change, which must not be captured), waits, then captures a second enqueue for
+        the calls to come. Returns False if `enqueue` failed; raises `GraphCaptureError` if
+        the work cannot be captured (the caller falls back to plain enqueues)."""
+        cudart = _cudart()
+        graph = self.graphs.get(key)
         if graph is not None:
             _check(cudart.cudaGraphLaunch(graph, self.stream))
             return True
-        # TensorRT does shape-dependent setup on the first enqueue after a shape change, which
-        # must not be captured: run this call plainly (its results are the call's), wait, then
-        # capture a second enqueue for the calls to come.
-        if not self.ctx.execute_async_v3(self.stream):
+        if not enqueue():
             return False
-        _check(cudart.cudaStreamSynchronize(self.stream))
-        graph = self._capture()
-        if graph is None:
-            self.graphable = False  # this engine cannot be captured; plain enqueues from now on
-        else:
-            self.graphs[graph_key] = graph
+        self.sync()
+        self.graphs[key] = self._capture(enqueue)
         return True
 
-    def _capture(self):
+    def _capture(self, enqueue):
         cudart = _cudart()
         mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal  # other threads keep working
         _check(cudart.cudaStreamBeginCapture(self.stream, mode))
         try:
-            ok = self.ctx.execute_async_v3(self.stream)
+            ok = enqueue()
         finally:
             err, graph = cudart.cudaStreamEndCapture(self.stream)
         if not ok or err != cudart.cudaError_t.cudaSuccess:
             cudart.cudaGetLastError()  # clear the sticky capture error
-            return None
+            raise GraphCaptureError(f"the work could not be captured as a CUDA graph ({err})")
         try:
             return _check(cudart.cudaGraphInstantiate(graph, 0))
         finally:
             cudart.cudaGraphDestroy(graph)
 
-    def view(self, name: str, shape) -> np.ndarray:
-        slot = self.plan.slots[name]
-        dtype = np.dtype(slot.dtype)
-        n = int(np.prod(shape, dtype=np.int64))
-        return self.host_bytes[slot.offset : slot.offset + n * dtype.itemsize].view(dtype).reshape(shape)
-
     def close(self) -> None:
         cudart = _cudart()
         for graph in self.graphs.values():
             cudart.cudaGraphExecDestroy(graph)
-        cudart.cudaFreeHost(self.host)
-        cudart.cudaFree(self.device)
+        self.graphs.clear()
+        if self.host is not None:
+            cudart.cudaFreeHost(self.host)
+        if self.device is not None:
+            cudart.cudaFree(self.device)
         cudart.cudaStreamDestroy(self.stream)
+        self.host = self.device = None
+
+
+class GraphCaptureError(RuntimeError):
+    """Work queued on a stream could not be captured as a CUDA graph."""
+
+
+class _Worker:
+    """One thread's TensorRT execution context on its own `DeviceBuffers`."""
+
+    def __init__(self, engine, inputs: dict, outputs: list[str], profile: dict, dtypes: dict, extra: dict | None = None):
+        self.ctx = engine.create_execution_context()
+        if self.ctx is None:
+            raise RuntimeError("TensorRT could not create an execution context (out of device memory?)")
+        cudart = _cudart()
+        stream = _check(cudart.cudaStreamCreate())
+        self.ctx.set_optimization_profile_async(0, stream)
+        # Largest shapes: every input at its profile maximum, then ask TensorRT for the outputs.
+        for name, (_, _, hi) in profile.items():
+            self.ctx.set_input_shape(name, hi)
+        shapes = {n: (tuple(profile[n][2]), dtypes[n]) for n in inputs}
+        shapes.update({n: (tuple(self.ctx.get_tensor_shape(n)), dtypes[n]) for n in outputs})
+        shapes.update({n: (shapes[like][0], dtypes[like]) for n, like in (extra or {}).items()})  # scratch twins
+        self.buf = DeviceBuffers(BufferPlan.for_shapes(shapes), stream)
+        self.graphable = True
+        for name in (*inputs, *outputs):
+            self.ctx.set_tensor_address(name, self.buf.address(name))
+
+    def execute(self, graph_key: tuple | None = None) -> bool:
+        """Enqueue the engine; with a key, through a CUDA graph captured for that key."""
+        enqueue = lambda: bool(self.ctx.execute_async_v3(self.buf.stream))
+        if graph_key is None or not self.graphable:
+            return enqueue()
+        try:
+            return self.buf.replay(graph_key, enqueue)
+        except GraphCaptureError:
+            self.graphable = False  # this engine cannot be captured; plain enqueues from now on
+            return True  # the plain first enqueue ran and gave this call's results
+
+    def close(self) -> None:
+        self.buf.close()
 
 
 class TrtSession:
@@ -224,7 +263,7 @@ class TrtSession:
 
     def _output_shape(self, w: _Worker, name: str) -> tuple:
         shape = tuple(w.ctx.get_tensor_shape(name))
-        if not w.plan.fits(name, shape):
+        if not w.buf.plan.fits(name, shape):
             raise BundleVersionError(f"{self.name}: output {name} {shape} exceeds its buffer; rebuild: {self.rebuild}")
         return shape
 
@@ -232,17 +271,17 @@ class TrtSession:
         w = self._enqueue(feeds)
         shapes = {name: self._output_shape(w, name) for name in outputs or self.outputs}
         for name, shape in shapes.items():
-            w.download(name, shape)
-        _check(_cudart().cudaStreamSynchronize(w.stream))
-        return {name: w.view(name, shape).copy() for name, shape in shapes.items()}
+            w.buf.download(name, shape)
+        w.buf.sync()
+        return {name: w.buf.view(name, shape).copy() for name, shape in shapes.items()}
 
     def run_on_device(self, feeds: dict[str, np.ndarray]) -> dict[str, DeviceArray]:
         """Like `run`, but the outputs stay in this thread's worker buffers, finished (the
         stream is synchronized) and valid until this session runs again on this thread."""
         w = self._enqueue(feeds)
-        _check(_cudart().cudaStreamSynchronize(w.stream))
+        w.buf.sync()
         return {
-            name: DeviceArray(w.address(name), self._output_shape(w, name), w.plan.slots[name].dtype)
+            name: DeviceArray(w.buf.address(name), self._output_shape(w, name), w.buf.plan.slots[name].dtype)
             for name in self.outputs
         }
 
@@ -251,7 +290,7 @@ class TrtSession:
         w = self._worker()
         for name, x in feeds.items():
             self._set_shape(w, name, x.shape)
-            w.upload(name, x)
+            w.buf.upload(name, x)
         if not w.execute():
             raise RuntimeError(f"{self.name}: TensorRT execution failed")
         return w
@@ -301,7 +340,7 @@ class DeviceKV:
                 )
             session._set_shape(worker, name, x.shape)
             worker.ctx.set_tensor_address(name, x.address)
-        self.buffers = tuple(worker.address(b) for b in self.BUFFERS)
+        self.buffers = tuple(worker.buf.address(b) for b in self.BUFFERS)
 
     def step(self, ids: np.ndarray) -> np.ndarray:
         s, w, t = self.s, self.w, self.t
@@ -310,11 +349,11 @@ class DeviceKV:
         s._set_shape(w, "past_kv", past)
         w.ctx.set_tensor_address("past_kv", self.buffers[t % 2])
         w.ctx.set_tensor_address("present_kv", self.buffers[(t + 1) % 2])
-        w.upload("input_ids", ids)
+        w.buf.upload("input_ids", ids)
         if not w.execute(graph_key=(ids.shape, t)):
             raise RuntimeError(f"{s.name}: TensorRT execution failed at decoder step {t}")
         shape = s._output_shape(w, "logits")
-        w.download("logits", shape)
-        _check(_cudart().cudaStreamSynchronize(w.stream))
+        w.buf.download("logits", shape)
+        w.buf.sync()
         self.t += 1
-        return w.view("logits", shape).copy()
+        return w.buf.view("logits", shape).copy()

@@ -379,9 +379,10 @@ def test_engine_graphs_use_only_what_tensorrt_parses(tiny_bundle, precision):
                 problems.append(f"{where}: TensorRT gives only its first output")
     assert checked > 100 and not problems, problems
 
-def _gpu() -> str | None:
-    if not HAVE_TRT:
-        return "TensorRT is not installed (not obtainable in this workplace)"
+def _cuda_gpu() -> str | None:
+    """None where cuda-python reaches a GPU, else why not (TensorRT is not needed)."""
+    if importlib.util.find_spec("cuda") is None:
+        return "cuda-python is not installed"
     try:
         from itemrt.tensorrt import device_info
 
@@ -389,6 +390,12 @@ def _gpu() -> str | None:
     except Exception as e:  # noqa: BLE001 - any failure means no usable GPU here
         return f"no usable CUDA device: {e}"
     return None
+
+
+def _gpu() -> str | None:
+    if not HAVE_TRT:
+        return "TensorRT is not installed (not obtainable in this workplace)"
+    return _cuda_gpu()
 
 
 @pytest.mark.skipif(_gpu() is not None, reason=str(_gpu()))
@@ -407,3 +414,63 @@ def test_tensorrt_build_and_backend_match_onnx_runtime(tiny_bundle, tmp_path, sa
                 assert [o.word for o in r_trt.objects] == [o.word for o in r_ort.objects]
                 assert r_trt.label == r_ort.label
                 assert abs(r_trt.p_fake - r_ort.p_fake) < 1e-3
+
+
+@pytest.mark.skipif(_cuda_gpu() is not None, reason=str(_cuda_gpu()))
+def test_device_buffers_move_data_and_replay_captured_graphs_on_a_gpu():
+    """The CUDA half of the TensorRT backend on a real GPU: pinned views, uploads, downloads, and
+    the capture-once-then-replay protocol the decoder steps use. The work enqueued in place of
+    an engine is a device-to-device copy, so every replay must see the data uploaded just before."""
+    from itemrt.tensorrt import (
+        DeviceBuffers,
+        GraphCaptureError,
+        _check,
+        _cudart,
+        device_info,
+    )
+
+    cudart = _cudart()
+    name, cc = device_info()
+    assert name and cc[0] >= 5
+    plan = BufferPlan.for_shapes({"ids": ((2, 5), "int64"), "a": ((4, 3), "float32"), "b": ((4, 3), "float32")})
+    buf = DeviceBuffers(plan, _check(cudart.cudaStreamCreate()))
+    d2d = cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+    enqueued = []
+
+    def copy_a_to_b() -> bool:
+        enqueued.append(1)
+        _check(cudart.cudaMemcpyAsync(buf.address("b"), buf.address("a"), plan.slots["a"].nbytes, d2d, buf.stream))
+        return True
+
+    try:
+        assert all(buf.address(n) % ALIGN == 0 for n in plan.slots)
+        for k in range(3):  # plain run + capture, then two replays of the graph
+            x = np.arange(12, dtype=np.float32).reshape(4, 3) * (k + 1)
+            buf.upload("a", x)
+            buf.view("b", (4, 3))[...] = -1
+            assert buf.replay(("copy",), copy_a_to_b)
+            buf.download("b", (4, 3))
+            buf.sync()
+            np.testing.assert_array_equal(buf.view("b", (4, 3)), x)
+        assert len(enqueued) == 2 and list(buf.graphs) == [("copy",)]
+        ids = np.arange(5, dtype=np.int64)[None]  # a smaller shape than the slot's maximum
+        buf.upload("ids", ids)
+        buf.view("ids", (1, 5))[...] = 0
+        buf.download("ids", (1, 5))
+        buf.sync()
+        np.testing.assert_array_equal(buf.view("ids", (1, 5)), ids)
+
+        def sync_inside() -> bool:  # synchronizing a capturing stream is illegal: the capture fails
+            cudart.cudaStreamSynchronize(buf.stream)
+            return True
+
+        with pytest.raises(GraphCaptureError):
+            buf.replay(("sync",), sync_inside)
+        assert ("sync",) not in buf.graphs
+        buf.upload("a", np.ones((4, 3), np.float32))  # the stream still works after the failed capture
+        assert buf.replay(("copy",), copy_a_to_b)
+        buf.download("b", (4, 3))
+        buf.sync()
+        assert (buf.view("b", (4, 3)) == 1).all()
+    finally:
+        buf.close()
