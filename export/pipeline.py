@@ -218,7 +218,7 @@ def _write_bundle(root: Path, m: Models, images, head_cfg: dict, *, progress, **
         for precision in (p for p in opt["precisions"] if name in variant_parts(p)):
             v = _variant(root, name, precision, ins, outs, check_inputs, ref)
             entry.setdefault("variants", {})[precision] = v
-            progress(f"[{i}/{steps}] {name}: {precision} {v['seconds']}s, gate " + ("ok" if v["passed"] else "FAILED"))
+            progress(f"[{i}/{steps}] {name}: {precision} {v['seconds']}s, gate " + ("ok" if v["passed"] else f"FAILED {v.get('error', '')}".rstrip()))
         components[name] = entry
         return ref
 
@@ -347,9 +347,13 @@ def _variant(root: Path, name: str, precision: str, ins, outs, check_inputs, ref
     attempts = []
 
     def attempt(keep: tuple[str, ...]) -> dict:
-        convert(precision, root / f"{name}.onnx", root / rel, keep_fp32=keep)
-        sess = open_session(root / rel, name, precision)
-        got = sess.run({k: v.numpy() for k, v in zip(ins, check_inputs)})
+        try:
+            convert(precision, root / f"{name}.onnx", root / rel, keep_fp32=keep)
+            sess = open_session(root / rel, name, precision)
+            got = sess.run({k: v.numpy() for k, v in zip(ins, check_inputs)})
+        except Exception as e:  # noqa: BLE001 - a converter or runtime bug fails this variant's gate, not the export
+            attempts.append({"kept_fp32": list(keep), "parity": {}, "passed": False, "error": f"{type(e).__name__}: {e}"})
+            return attempts[-1]
         parity = {
             o: (compare_boxes if o == "pred_boxes" else compare)(r.numpy(), got[o], REDUCED) for o, r in zip(outs, ref)
         }
@@ -357,7 +361,8 @@ def _variant(root: Path, name: str, precision: str, ins, outs, check_inputs, ref
         return attempts[-1]
 
     last = attempt(())
-    if not last["passed"] and precision == "int8" and (keep := output_projections(root / f"{name}.onnx")):
+    retry = not last["passed"] and "error" not in last and precision == "int8"
+    if retry and (keep := output_projections(root / f"{name}.onnx")):
         last = attempt(keep)
     out = {
         "file": rel,
@@ -368,6 +373,8 @@ def _variant(root: Path, name: str, precision: str, ins, outs, check_inputs, ref
         "used": False,  # decided by the chain gate in `_choose`
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    if "error" in last:
+        out["error"] = last["error"]
     if len(attempts) > 1:
         out["attempts"] = attempts
     return out

@@ -110,20 +110,62 @@ def output_projections(src: Path) -> tuple[str, ...]:
 
 
 def _int8(src: Path, dst: Path, keep_fp32: tuple[str, ...] = ()) -> None:
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    model = onnx.load(str(src))
+    tmp = None
+    if untie_matmul_weights(model):
+        tmp = dst.with_name(f".{dst.stem}.untied.onnx")
+        onnx.save(model, str(tmp))
+    del model
     # ORT logs a "consider pre-processing" warning on every call; it is about static quantization.
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
-    quantize_dynamic(
-        src,
-        dst,
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        reduce_range=False,  # measured: more accurate and faster than reduce_range on AVX-512 VNNI/AMX
-        op_types_to_quantize=list(METHODS["int8"]["ops"]),
-        nodes_to_exclude=list(keep_fp32),
-        extra_options={"MatMulConstBOnly": True},
-    )
+    try:
+        quantize_dynamic(
+            tmp or src,
+            dst,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            reduce_range=False,  # measured: more accurate and faster than reduce_range on AVX-512 VNNI/AMX
+            op_types_to_quantize=list(METHODS["int8"]["ops"]),
+            nodes_to_exclude=list(keep_fp32),
+            extra_options={"MatMulConstBOnly": True},
+        )
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+def untie_matmul_weights(model) -> int:
+    """Give the matmuls their own copy of a weight that another op also reads; returns how many
+    weights were untied.
+
+    BLIP's decoder ties its LM head (a Gemm with transB) to the word embeddings (a Gather).
+    onnxruntime 1.30's quantize_dynamic transposes such a Gemm weight in place, so the Gather
+    then reads a [hidden, vocab] table and the graph no longer loads (seen on 1.30, not on
+    1.32). Untied, the Gather keeps the FP32 table and the Gemm gets its own INT8 copy, which
+    is what 1.32 writes anyway: the file is no larger."""
+    ops = set(METHODS["int8"]["ops"])
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for pos, name in enumerate(node.input):
+            if name in inits:
+                readers.setdefault(name, []).append((node, pos))
+    untied = 0
+    for name, users in readers.items():
+        weight_of = [n for n, pos in users if n.op_type in ops and pos == 1]
+        if not weight_of or len(weight_of) == len(users):
+            continue
+        copy = graph.initializer.add()
+        copy.CopyFrom(inits[name])
+        copy.name = f"{name}~matmul"
+        for node in weight_of:
+            node.input[1] = copy.name
+        untied += 1
+    return untied
 
 
 def _fp16(src: Path, dst: Path) -> None:

@@ -303,8 +303,11 @@ def _info(args) -> int:
         ins = ", ".join(f"{i['name']}{i['shape']}" for i in c["inputs"])
         print(f"  {name:<20} {c['precision']}  cos {cos:.6f}  rel {rel:.1e}  {c['file']}  in: {ins}")
         for prec, v in c.get("variants", {}).items():
-            cos = min(x["cos_min"] for x in v["parity"].values())
             state = "used" if v["used"] else f"not used: {v.get('reason', '')}"
+            if "error" in v:  # the variant did not load or run: there is no cosine to show
+                print(f"  {'':<20} {prec}  {state}: {v['error'][:160]}")
+                continue
+            cos = min(x["cos_min"] for x in v["parity"].values())
             kept = f"  ({len(v['kept_fp32'])} output projections kept fp32)" if v.get("kept_fp32") else ""
             print(f"  {'':<20} {prec}  cos {cos:.6f}  {state}{kept}")
     at = " (at export, placeholder head)" if h["trained"] else ""

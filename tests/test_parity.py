@@ -167,6 +167,54 @@ def test_int8_second_try_keeps_output_projections_fp32(tiny_bundle, tmp_path):
             assert "kept_fp32" in v and (v["kept_fp32"] == [] or len(v["attempts"]) == 2)
 
 
+def test_int8_unties_the_lm_head_from_the_word_embeddings(tiny_bundle, tmp_path):
+    """BLIP's decoder reads one table in a Gather (embeddings) and a Gemm (LM head). onnxruntime
+    1.30's quantizer transposed it in place for the Gemm, leaving a graph that no longer loads;
+    quantized here, the Gather keeps the FP32 table in its shape and the Gemm reads its own copy."""
+    import onnx
+    import onnxruntime as ort
+    from itemrt.export.precision import convert, untie_matmul_weights
+
+    src = tiny_bundle / "captioner_decoder.onnx"
+    fp32 = onnx.load(str(src))
+    table = next(n.input[0] for n in fp32.graph.node if n.op_type == "Gather" and "word_embeddings" in n.name)
+    shape = next(tuple(i.dims) for i in fp32.graph.initializer if i.name == table)
+    assert sum(table in n.input for n in fp32.graph.node) == 2  # tied in the exported graph
+    assert untie_matmul_weights(fp32) == 1 and untie_matmul_weights(fp32) == 0
+    assert untie_matmul_weights(onnx.load(str(tiny_bundle / "clip_text.onnx"))) == 0  # nothing shared there
+    convert("int8", src, tmp_path / "dec.onnx")
+    q = onnx.load(str(tmp_path / "dec.onnx"))
+    assert [n.op_type for n in q.graph.node if table in n.input] == ["Gather"]
+    assert next(tuple(i.dims) for i in q.graph.initializer if i.name == table) == shape
+    assert not list(tmp_path.glob(".*untied*"))  # the untied FP32 copy is not left behind
+    ort.InferenceSession(str(tmp_path / "dec.onnx"), providers=["CPUExecutionProvider"])
+
+
+def test_a_variant_that_does_not_load_fails_its_gate_not_the_export(tmp_path, monkeypatch, capsys, cache_dir):
+    """A converter bug (here: the decoder's INT8 file written as garbage) keeps that part FP32,
+    records the error in the manifest and in `item info`, and the bundle is still written."""
+    from itemrt.cli import main as item
+    from itemrt.export import pipeline
+
+    convert = pipeline.convert
+
+    def broken_decoder(precision, src, dst, keep_fp32=()):
+        convert(precision, src, dst, keep_fp32=keep_fp32)
+        if src.stem == "captioner_decoder":
+            dst.write_bytes(b"not an onnx graph")
+
+    monkeypatch.setattr(pipeline, "convert", broken_decoder)
+    out = pipeline.export_bundle(tmp_path / "b", random_init="tiny", seed=0, precisions=("int8",),
+                                 progress=lambda msg: None)
+    m = json.loads((out / "manifest.json").read_text())
+    v = m["components"]["captioner_decoder"]["variants"]["int8"]
+    assert v["passed"] is False and v["used"] is False and v["reason"] == "own gate failed"
+    assert "captioner_decoder" in v["error"] and v["parity"] == {} and "attempts" not in v  # no second try
+    assert not (out / v["file"]).exists() and "captioner_decoder" not in m["precisions"]["int8"]["used"]
+    assert item(["info", str(out)]) == 0
+    assert "not used: own gate failed: BundleError" in capsys.readouterr().out
+
+
 def test_fp16_graph_keeps_fp32_islands(tiny_bundle):
     """The precision is in the graph: FP16 weights, LayerNorm and softmax still FP32."""
     import onnx
