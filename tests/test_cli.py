@@ -47,7 +47,10 @@ def test_bad_image_reported_and_others_still_run(tiny_bundle, samples, tmp_path)
 def test_info(tiny_bundle):
     r = _item("info", tiny_bundle)
     assert r.returncode == 0, r.stderr
-    for text in ("RANDOM-INIT", "UNTRAINED", "captioner_decoder", "tokens equal True", "torch 2.13.0"):
+    import torch
+
+    # the versions it was exported with: this machine's torch (2.13.0 here, 2.11 on a lent GPU box)
+    for text in ("RANDOM-INIT", "UNTRAINED", "captioner_decoder", "tokens equal True", f"torch {torch.__version__}"):
         assert text in r.stdout
     m = json.loads(_item("info", "--json", tiny_bundle).stdout)
     assert m["format"] == "itemrt-bundle"
