@@ -14,8 +14,10 @@ step's enqueue is captured once per (batch, past length) as a CUDA graph and rep
 
 Written to the TensorRT 10.x / 11.x Python API (`num_io_tensors`, `get_tensor_name/mode/
 dtype`, `set_input_shape`, `set_tensor_address`, `execute_async_v3`); TensorRT is not
-obtainable where this project is developed, so this module is exercised only on machines
-that have it (tests skip elsewhere). Everything it decides is in `trt_plan`, tested on CPU.
+obtainable where this project is developed, so the TensorRT calls run only on machines that
+have it (tests skip elsewhere). The CUDA half, `DeviceBuffers`, needs only cuda-python and a
+GPU, and is tested wherever both exist (it ran on an H100). Everything the backend decides is
+in `trt_plan`, tested on CPU.
 """
 
 from __future__ import annotations
