@@ -45,7 +45,7 @@ def backend_report(raw: dict, peak: dict, precision: str) -> dict:
             g: float(np.median([sum(r.get(s, 0.0) for s in members) for r in runs])) for g, members in GROUPS.items()
         },
     }
-    for key in ("text_cache", "throughput", "gpu", "gpu_peak_mb"):
+    for key in ("text_cache", "throughput", "gpu", "gpu_peak_mb", "gpu_busy"):
         if key in raw:
             out[key] = raw[key]
     if raw.get("gpu_runs"):  # device time per stage (CUDA events), apart from the wall times above
@@ -151,6 +151,11 @@ def table(rep: dict) -> str:
             g = ", ".join(f"{st} {v['p50']:.1f}" for st, v in b["gpu_stages_ms"].items())
             lines.append(f"{'':<12} GPU ({b.get('gpu')}) time p50 ms, CUDA events: {g}; "
                          f"peak GPU memory {b.get('gpu_peak_mb', 0):.0f} MB")
+        if "gpu_busy" in b:
+            u = b["gpu_busy"]
+            lines.append(f"{'':<12} GPU busy in a profiled run: " + (u["error"] if "error" in u else
+                         f"{u['device_ms']:.1f} ms of {u['wall_ms']:.1f} ms ({u['busy_share']:.0%}) "
+                         f"in {u['ops']} kernels and copies"))
         if "text_cache" in b:
             c = b["text_cache"]
             lines.append(f"{'':<12} caption cache ({c['mode']}): hit rate {c['hit_rate']:.2f}; word queries: {b['word_queries']}")

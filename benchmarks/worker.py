@@ -209,8 +209,26 @@ def run_reference(args) -> dict:
         result["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         result["gpu"] = torch.cuda.get_device_name(0)
         result["gpu_runs"] = gpu_runs[len(gpu_runs) - args.runs:]  # the timed runs, not the warm-up
+        result["gpu_busy"] = _gpu_busy(once)
     result["word_queries"] = "text towers on every image"
     return result
+
+
+def _gpu_busy(once) -> dict:
+    """One more run (the first image) under PyTorch's profiler: the summed device time of the
+    kernels and copies it ran, and how many. Against the run's wall time this says how much of
+    it the GPU spent computing; the rest it waited on the host (Python, kernel launches)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        _, timings = once(0)
+    ops = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    if not ops:
+        return {"error": "the profiler recorded no CUDA activity"}
+    busy = sum(e.self_device_time_total for e in ops) / 1e3
+    return {"device_ms": busy, "ops": sum(e.count for e in ops), "wall_ms": timings["total"],
+            "busy_share": busy / timings["total"]}
 
 
 # --- shared ---------------------------------------------------------------------------------
