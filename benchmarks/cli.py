@@ -34,6 +34,7 @@ BACKENDS = {
     "ort-int8": ("onnxruntime", "int8", "cpu"),
     "ort-fp16": ("onnxruntime", "fp16", "cpu"),
     "ov-bf16": ("onnxruntime", "bf16", "cpu"),  # gated graphs on OpenVINO (AMX), the rest on ORT FP32
+    "mixed": ("onnxruntime", "mixed", "cpu"),  # per graph INT8 (ORT), else BF16 (OpenVINO), else FP32
     "ort-cuda-fp16": ("ort-cuda", "fp16", "cuda"),
     "tensorrt": ("tensorrt", "fp16", "cuda"),
 }
@@ -92,7 +93,7 @@ def _skip_reason(name: str, bundle) -> str | None:
             return "TensorRT is not installed here (the GPU path: `item build` on the target machine)"
         if not bundle.manifest.get("tensorrt"):
             return f"the bundle has no TensorRT engines: run `item build {bundle.root}` on this machine"
-    if precision == "bf16":  # the machine first: a bundle exported here without BF16 units has none either
+    if precision in ("bf16", "mixed"):  # the machine first: a bundle exported here without BF16 units has none either
         from itemrt.openvino import bf16_support
 
         if (why := bf16_support()) is not None:

@@ -162,8 +162,9 @@ def _profile_flops(args, Runtime, blobs) -> list[dict[str, int]]:
     with tempfile.TemporaryDirectory() as tmp:
         for i, blob in enumerate(blobs):
             prefix = os.path.join(tmp, f"img{i}-")
-            # OpenVINO writes no ORT profile: bf16 runs the FP32 graphs' arithmetic, so count that.
-            precision = "fp32" if args.precision == "bf16" else args.precision
+            # OpenVINO writes no ORT profile: bf16 runs the FP32 graphs' arithmetic, so count that;
+            # mixed is INT8's graphs plus BF16 ones, which are FP32 graphs under precision int8.
+            precision = {"bf16": "fp32", "mixed": "int8"}.get(args.precision, args.precision)
             with Runtime(args.bundle, precision=precision, threads=args.threads, verify=False,
                          profile_prefix=prefix) as rt:
                 rt.detect(blob, max_new_tokens=args.tokens, words=_words(args))

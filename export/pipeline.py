@@ -54,7 +54,15 @@ from .parity import (
     save_chain_pairs,
     suspects,
 )
-from .precision import METHODS, convert, output_projections, variant_file, variant_parts
+from .precision import (
+    METHODS,
+    MIXED,
+    MIXED_ORDER,
+    convert,
+    output_projections,
+    variant_file,
+    variant_parts,
+)
 from .random_init import build_random_checkpoints, size_config
 from .reference import reference_for_bundle
 
@@ -146,6 +154,8 @@ def export_bundle(
         for precision in precisions:
             if (chosen := _choose(tmp, manifest, precision, cases, progress)) is not None:
                 pairs[precision] = chosen.pairs
+        if (mixed := _choose_mixed(tmp, manifest, cases, progress)) is not None:
+            pairs["mixed"] = mixed.pairs
         save_chain_pairs(tmp / CHAIN_PAIRS, pairs)
         manifest["default_precision"] = default_precision(manifest)
         manifest["export_seconds"] = round(time.perf_counter() - t_start, 1)
@@ -420,9 +430,10 @@ def _choose(root: Path, manifest: dict, precision: str, cases, progress) -> Chai
     chain = attempt(chosen) if chosen else None
     if chain is not None and not chain.passed:
         together = chosen
-        chosen = [n for n in chosen if attempt([n]).passed]
+        alone = {n: attempt([n]) for n in chosen}
+        chosen = [n for n in chosen if alone[n].passed]
         if chosen != together:  # all passing alone: the failed first attempt already says so
-            chain = attempt(chosen) if chosen else None
+            chain = alone[chosen[0]] if len(chosen) == 1 else attempt(chosen) if chosen else None
         while chain is not None and not chain.passed:
             blamed = [n for n in chosen if n in suspects(chain.report["summary"], REDUCED)] or chosen
             chosen.remove(min(blamed, key=worst_cos))
@@ -441,6 +452,56 @@ def _choose(root: Path, manifest: dict, precision: str, cases, progress) -> Chai
         "attempts": attempts,
     }
     return chain
+
+
+def _choose_mixed(root: Path, manifest: dict, cases, progress) -> ChainParity | None:
+    """Precision "mixed": each graph in INT8 where INT8's chain gate took it, else in BF16 where
+    BF16's took it, else FP32 (`precision.MIXED_ORDER`), gated again as one chain. Made only
+    when both were exported and the mix differs from each. If the mixed chain fails, the
+    BF16 graphs it added are dropped one at a time (worst own-gate cosine among the suspects
+    first), as in `_choose`. Returns the passing chain's parity, or None."""
+    q = manifest.get("precisions", {})
+    if not all(p in q for p in MIXED_ORDER):
+        return None
+    mix: dict[str, str] = {}
+    for p in MIXED_ORDER:
+        mix.update({n: p for n in q[p]["used"] if n not in mix})
+    added = [n for n, p in mix.items() if p != MIXED_ORDER[0]]
+    if not added or len(added) == len(mix):  # the same graphs as BF16 or as INT8 alone
+        return None
+    attempts = []
+
+    def attempt() -> ChainParity:
+        q["mixed"] = {"used": dict(mix)}
+        _save_manifest(root, manifest)
+        with Runtime(root, precision="mixed", verify=False) as rt:
+            chain = chain_parity(rt, cases, REDUCED)
+        attempts.append({"components": dict(mix), "passed": chain.passed, "summary": chain.report["summary"]})
+        progress(f"mixed chain with {mix}: " + ("ok" if chain.passed else "FAILED"))
+        return chain
+
+    def cos(n: str) -> float:
+        return min(p["cos_min"] for p in manifest["components"][n]["variants"][mix[n]]["parity"].values())
+
+    chain = attempt()
+    while not chain.passed:
+        blamed = [n for n in added if n in suspects(chain.report["summary"], REDUCED)] or added
+        drop = min(blamed, key=cos)
+        added.remove(drop)
+        del mix[drop]
+        if not added:  # back to INT8 alone: no mix of its own
+            break
+        chain = attempt()
+    passed = chain.passed
+    q["mixed"] = {
+        "method": MIXED,
+        "gates": REDUCED.to_dict(),
+        "used": dict(mix) if passed else {},
+        "chain": chain.report if passed else None,
+        "attempts": attempts,
+    }
+    _save_manifest(root, manifest)
+    return chain if passed else None
 
 
 def _build_bank(root: Path, tok_specs: dict, query_template: str, word_template: str) -> dict[str, np.ndarray]:

@@ -28,6 +28,17 @@ VARIANT_PARTS = ("captioner_vision", "captioner_cross_kv", "captioner_decoder", 
 # 1240 ms in BF16 against 496 ms on ONNX Runtime FP32 (timed ad hoc on this project's Xeon).
 BF16_PARTS = tuple(p for p in VARIANT_PARTS if p != "captioner_decoder")
 
+# Precision "mixed" (CPUs with AMX): per graph, the first of these whose chain gate took it.
+# INT8 first: where both passed, INT8 ran faster at full size on this project's Xeon (item-bench,
+# README "Speed": CLIP image 954 against 1681 ms, CLIP text 29 against 57, cross K/V 27 against
+# 43). BF16 then adds the graphs that INT8's gates refused (there: the detector's image side).
+MIXED_ORDER = ("int8", "bf16")
+MIXED = {
+    "rule": "each graph INT8 where INT8's chain gate took it, else BF16 where BF16's did, else FP32",
+    "gated": "as one chain again; BF16 graphs are dropped until it passes",
+    "needs": "the needs of bf16 (OpenVINO, AMX-BF16 or AVX512-BF16) when a BF16 graph is in the mix",
+}
+
 # Ops that overflow or lose too much in FP16 (the field's most common accuracy bug).
 FP16_KEEP_FP32 = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "ReduceMax", "Pow", "Sqrt", "Exp",
                   "Log", "Erf")

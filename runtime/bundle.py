@@ -35,10 +35,11 @@ REQUIRED_COMPONENTS = (
 )
 
 
-# Numeric precisions a component can have. FP32 is the exported graph itself; others are
+# Numeric precisions a bundle can run in. FP32 is the exported graphs themselves; others are
 # variants that passed their parity gate at export ("used" in the manifest). A bf16 variant
-# is the FP32 graph itself, run in BF16 by OpenVINO (openvino.py).
-PRECISIONS = ("fp32", "int8", "fp16", "bf16")
+# is the FP32 graph itself, run in BF16 by OpenVINO (openvino.py). "mixed" names a gated
+# per-graph choice among the int8 and bf16 variants (manifest precisions.mixed.used).
+PRECISIONS = ("fp32", "int8", "fp16", "bf16", "mixed")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -173,6 +174,8 @@ class Bundle:
         reduced-precision variant failed its gate (or was never made) stays FP32."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision == "mixed":
+            precision = self.mixed().get(name, "fp32")
         v = self.component(name).get("variants", {}).get(precision)
         if precision != "fp32" and v and v.get("used"):
             return self.file(v["file"]), precision
@@ -181,7 +184,13 @@ class Bundle:
     def precisions(self) -> list[str]:
         """FP32 and every precision at least one component has a gated variant for."""
         have = {p for c in self.manifest["components"].values() for p, v in c.get("variants", {}).items() if v.get("used")}
+        if self.mixed():
+            have.add("mixed")
         return [p for p in PRECISIONS if p == "fp32" or p in have]
+
+    def mixed(self) -> dict[str, str]:
+        """Precision "mixed": component -> the precision its chain gate took it in."""
+        return self.manifest.get("precisions", {}).get("mixed", {}).get("used", {})
 
     def head_files(self) -> set[str]:
         """Files that `item train` replaces: the head graph, its weights, the training report."""

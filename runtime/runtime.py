@@ -76,7 +76,9 @@ class Runtime:
     (the plans `item build` made for this GPU and TensorRT version; the head stays on ORT).
     `precision`: "fp32" (the exported graphs, parity 1e-4), or "int8" / "fp16" / "bf16" (the
     variants that passed their gate at export; the rest stay FP32; FP16 on CPU is for checking,
-    slow; bf16 runs its graphs on OpenVINO, for CPUs with AMX or AVX512-BF16).
+    slow; bf16 runs its graphs on OpenVINO, for CPUs with AMX or AVX512-BF16), or "mixed"
+    (per graph INT8, else BF16, else FP32, as gated together at export; the fastest CPU path
+    on AMX machines).
     Default: the bundle's `default_precision` on CPU, fp16 (where gated) on the GPU backends.
     `self.precisions` says what each graph really runs in. `profile_prefix` makes ONNX Runtime
     write per-node profiles (item-bench counts FLOPs from them).
@@ -115,8 +117,8 @@ class Runtime:
                 f"bundle {b.root} has no {self.precision} graphs (it has {b.precisions()}); "
                 f"re-export it with `item export --precisions {self.precision} ...`"
             )
-        if self.precision == "bf16" and backend != "onnxruntime":
-            raise ValueError(f"precision bf16 is a CPU path (OpenVINO on AMX); backend {backend} runs fp32 / fp16")
+        if self.precision in ("bf16", "mixed") and backend != "onnxruntime":
+            raise ValueError(f"precision {self.precision} is a CPU path (OpenVINO on AMX); backend {backend} runs fp32 / fp16")
         opts = SessionOptions(threads=threads, profile_prefix=profile_prefix,
                               providers=ort_providers("onnxruntime" if plans else backend, b.root / PLANS_DIR / "ort-cache"))
         self.precisions: dict[str, str] = {}

@@ -10,6 +10,7 @@ import sys
 import pytest
 from itemrt.bench.report import SCHEMA, backend_report, compare
 from itemrt.bench.worker import node_flops
+from itemrt.bundle import Bundle
 
 RUNTIME_STAGES = ("decode", "preprocess", "captioner_vision", "captioner_cross_kv", "captioner_decoder",
                   "captioner_decoder_per_token", "detector_image", "words", "detector_queries", "detector_head",
@@ -41,7 +42,7 @@ def test_report_structure_and_every_stage_timed(bench):
     if not torch.cuda.is_available():  # the GPU baselines say why they did not run
         for name in ("reference-cuda", "reference-cuda-fp16"):
             assert b[name] == {"status": "skipped", "reason": "no CUDA device visible to PyTorch here"}
-    ran = [n for n in ("ort-fp32", "ort-int8", "ort-fp16", "ov-bf16") if b[n]["status"] == "ok"]
+    ran = [n for n in ("ort-fp32", "ort-int8", "ort-fp16", "ov-bf16", "mixed") if b[n]["status"] == "ok"]
     assert "ort-fp32" in ran and "ort-int8" in ran  # the tiny bundle has INT8 graphs
     for name in ran:
         ort = b[name]
@@ -68,8 +69,11 @@ def test_report_structure_and_every_stage_timed(bench):
         assert rep["matmul_peak"]["bf16_gflops"] > 0 and "ov-bf16" in ran
         assert b["ov-bf16"]["precisions"]["captioner_decoder"] == "fp32"  # never a bf16 candidate
         assert "bf16" in b["ov-bf16"]["precisions"].values()
+        if "mixed" in Bundle.open(rep["bundle"]).precisions():  # INT8 graphs on ORT, BF16 ones on OpenVINO
+            assert "mixed" in ran and {"int8", "bf16"} <= set(b["mixed"]["precisions"].values())
     else:
-        assert b["ov-bf16"]["status"] == "skipped" and b["ov-bf16"]["reason"] == bf16_support()
+        for name in ("ov-bf16", "mixed"):
+            assert b[name]["status"] == "skipped" and b[name]["reason"] == bf16_support()
     ref = b["reference"]
     assert set(ref["stages_ms"]) >= {"captioner", "detector", "clip", "head", "total"}
     assert ref["torch_imported"] is True

@@ -235,7 +235,7 @@ def test_fp16_graph_keeps_fp32_islands(tiny_bundle):
     assert not any(x in fp16_out for n in kept for x in n.input), "an FP32-kept op reads FP16"
 
 
-@pytest.mark.parametrize("precision", ["int8", "fp16", "bf16"])
+@pytest.mark.parametrize("precision", ["int8", "fp16", "bf16", "mixed"])
 def test_reduced_runtime_keeps_the_reference_decisions(tiny_bundle, reference, samples, precision):
     """Independent of the export's own check: the chain on fresh inputs keeps tokens, words
     and decisions of the PyTorch reference, and says which graphs ran in which precision."""
@@ -246,13 +246,43 @@ def test_reduced_runtime_keeps_the_reference_decisions(tiny_bundle, reference, s
     used = m["precisions"][precision]["used"]
     if not used:
         pytest.skip(f"no {precision} graph passed its gate for the tiny random-weight models")
+    expected = used if precision == "mixed" else dict.fromkeys(used, precision)  # mixed: graph -> precision
     with Runtime(tiny_bundle, precision=precision) as rt:
-        assert {n for n, p in rt.precisions.items() if p == precision} == set(used)
+        assert {n: p for n, p in rt.precisions.items() if p != "fp32"} == expected
         cases = reference_cases(reference, [load_image(p) for p in samples], ["cup", "person"])
         report = chain_parity(rt, cases, REDUCED).report
     s = report["summary"]
     assert s["tokens_equal"] and s["words_equal"] and s["decisions_equal"], s
     assert s["embed_cos_min"] >= REDUCED.cos_min, s
+
+
+def test_mixed_takes_int8_then_bf16_and_is_gated_as_one_chain(tiny_bundle):
+    """Precision mixed: every graph INT8's chain gate took, plus the graphs only BF16's took;
+    recorded with its own chain gate; the runtime runs each graph in its recorded precision."""
+    from itemrt import Runtime
+    from itemrt.bundle import Bundle
+    from itemrt.openvino import OvSession
+
+    need_precision(tiny_bundle, "bf16")
+    q = json.loads((tiny_bundle / "manifest.json").read_text())["precisions"]
+    proposed = dict.fromkeys(q["int8"]["used"], "int8")
+    proposed.update({n: "bf16" for n in q["bf16"]["used"] if n not in proposed})
+    if set(proposed.values()) != {"int8", "bf16"}:
+        assert "mixed" not in q  # the same graphs as one precision alone: no mix of its own
+        pytest.skip(f"the gates left no mix on the tiny models: {proposed}")
+    mixed = q["mixed"]
+    assert mixed["attempts"][0]["components"] == proposed and mixed["gates"] == REDUCED.to_dict()
+    used = mixed["used"]
+    if not used:
+        assert "mixed" not in Bundle.open(tiny_bundle).precisions()
+        pytest.skip("the mixed chain failed its gate on the tiny models")
+    assert mixed["chain"]["passed"]
+    assert {n for n, p in used.items() if p == "int8"} == set(q["int8"]["used"])  # INT8's graphs all stay
+    assert {n for n, p in used.items() if p == "bf16"} <= set(q["bf16"]["used"]) - set(q["int8"]["used"])
+    with Runtime(tiny_bundle, precision="mixed") as rt:
+        assert "mixed" in Bundle.open(tiny_bundle).precisions()
+        for name, p in used.items():
+            assert rt.precisions[name] == p and isinstance(rt.sessions[name], OvSession) == (p == "bf16")
 
 
 def test_precision_is_checked(tiny_bundle):
