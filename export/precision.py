@@ -3,7 +3,7 @@
 INT8 is dynamic quantization of the weight matmuls: weights int8 per output channel,
 activations uint8 per call, so no calibration data is needed. On CPUs with VNNI or AMX the
 matmuls run on the integer units (item-bench at full size on this project's Xeon: CLIP image
-5.4x, cross K/V 3.9x, CLIP text 3.3x faster than FP32; README "Speed"). Attention's
+3.9x, cross K/V 3.7x, CLIP text 2.5x faster than FP32; README "Speed"). Attention's
 activation-by-activation matmuls, LayerNorm and softmax stay FP32.
 
 FP16 puts the precision in the graph itself (DESIGN.md section 5): weights and activations
@@ -12,6 +12,8 @@ inputs and outputs left FP32, so a strongly-typed TensorRT build keeps exactly t
 
 BF16 writes no file: its variant is the FP32 graph run by OpenVINO in BF16 (`runtime/openvino.py`),
 for CPUs with AMX or AVX512-BF16, and is gated the same way on the exporting machine.
+Precision "mixed" picks per graph among the gated INT8 and BF16 variants (`MIXED_ORDER`) and is
+gated again as one chain (`_choose_mixed` in pipeline).
 
 Which variants a bundle uses is decided by the gates in `parity.py` (`_choose` in pipeline).
 """
@@ -30,8 +32,8 @@ BF16_PARTS = tuple(p for p in VARIANT_PARTS if p != "captioner_decoder")
 
 # Precision "mixed" (CPUs with AMX): per graph, the first of these whose chain gate took it.
 # INT8 first: where both passed, INT8 ran faster at full size on this project's Xeon (item-bench,
-# README "Speed": CLIP image 954 against 1681 ms, CLIP text 29 against 57, cross K/V 27 against
-# 43). BF16 then adds the graphs that INT8's gates refused (there: the detector's image side).
+# README "Speed": CLIP image 1176 against 1774 ms, CLIP text 36 against 62, cross K/V 27 against
+# 49). BF16 then adds the graphs that INT8's gates refused (there: the detector's image side).
 MIXED_ORDER = ("int8", "bf16")
 MIXED = {
     "rule": "each graph INT8 where INT8's chain gate took it, else BF16 where BF16's did, else FP32",
