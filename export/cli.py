@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--det-threshold", type=float, default=0.1)
     p.add_argument("--precisions", nargs="*", choices=["int8", "fp16", "bf16"], default=["int8"],
                    help="reduced-precision variants to make and gate (default: int8; fp16 is for GPUs; bf16 "
-                        "for CPUs with AMX or AVX512-BF16, run by OpenVINO; none: give the flag alone)")
+                        "for CPUs with AMX or AVX512-BF16, run by OpenVINO; int8 and bf16 together also gate precision "
+                        "mixed; none: give the flag alone)")
     p.add_argument("--parity-images", nargs="+", default=None, help="images for the parity checks (default: samples)")
 
 
