@@ -1,14 +1,14 @@
 """From the workers' raw measurements to the report: statistics, the match check, GFLOP/s,
 the terminal table, markdown, and deltas against an earlier report.
 
-The JSON layout is documented in benchmarks/README.md (schema "itemrt-bench/2").
+The JSON layout is documented in benchmarks/README.md (schema "itemrt-bench/3").
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-SCHEMA = "itemrt-bench/2"
+SCHEMA = "itemrt-bench/3"
 
 # Stage groups shared by every backend (the reference chain times whole models).
 GROUPS = {
@@ -108,9 +108,10 @@ def table(rep: dict) -> str:
         f"machine     {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB; ISA {' '.join(m['isa']) or '-'}",
         (f"settings    {s['runs']} runs after {s['warmup']} warm-up, tokens {s['tokens']}, objects {s['objects']}, "
         f"threads {s['threads'] or 'all'}, text cache {s['text_cache']}"),
-        (f"matmul peak ({'x'.join(map(str, rep['matmul_peak']['shape_mkn']))}): "
-        + ", ".join(f"{k[:-7]} {v:.0f} {'GOP/s' if k.startswith('int8') else 'GFLOP/s'}"
-                    for k, v in rep["matmul_peak"].items() if k.endswith("_gflops"))),
+        "matmul peak (best shape): " + ", ".join(
+            f"{k[:-7]} {v:.0f} {'GOP/s' if k.startswith('int8') else 'GFLOP/s'} "
+            f"({'x'.join(map(str, rep['matmul_peak'][k[:-7] + '_shape']))})"
+            for k, v in rep["matmul_peak"].items() if k.endswith("_gflops")),
     ]
     ok = _ok(rep)
     for name, b in rep["backends"].items():
