@@ -3,9 +3,10 @@
 Weight matmuls of a few shapes (a ViT-L MLP layer with 1024 and 2048 rows, an OWL-ViT B/32 MLP
 layer), FP32 as exported, and INT8 and FP16 by the same conversions the bundles use, on ONNX
 Runtime; BF16 on OpenVINO where this CPU has BF16 units. Timed with the bench's thread count;
-each precision keeps its best shape. One shape alone was not a peak: OpenVINO's BF16 ran the
-1024-row layer at 470 GFLOP/s and the 2048-row one at 906 on this project's Xeon, and the
-graphs beat the 1024-row figure.
+each precision keeps its best shape. One shape alone was not a peak: in one item-bench run
+the detector's BF16 graph beat the 1024-row figure (117% of it), and timed ad hoc on this
+project's Xeon, OpenVINO's BF16 ran the 1024-row layer at 470 GFLOP/s and the 2048-row one at
+906 in one pass, and the 2048-row one at 376-683 between back-to-back passes.
 """
 
 from __future__ import annotations

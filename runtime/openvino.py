@@ -27,7 +27,7 @@ def import_openvino():
         import openvino
     except ImportError:
         raise BackendUnavailableError(
-            f"precision bf16 runs on OpenVINO, which is not installed; {INSTALL_HINT}, or use fp32 / int8"
+            f"precisions bf16 and mixed run on OpenVINO, which is not installed; {INSTALL_HINT}, or use fp32 / int8"
         ) from None
     return openvino
 

@@ -115,7 +115,7 @@ class Runtime:
         if self.precision not in b.precisions():
             raise BundleVersionError(
                 f"bundle {b.root} has no {self.precision} graphs (it has {b.precisions()}); "
-                f"re-export it with `item export --precisions {self.precision} ...`"
+                f"re-export it with `item export --precisions {'int8 bf16' if self.precision == 'mixed' else self.precision} ...`"
             )
         if self.precision in ("bf16", "mixed") and backend != "onnxruntime":
             raise ValueError(f"precision {self.precision} is a CPU path (OpenVINO on AMX); backend {backend} runs fp32 / fp16")
