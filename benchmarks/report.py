@@ -1,14 +1,14 @@
 """From the workers' raw measurements to the report: statistics, the match check, GFLOP/s,
 the terminal table, markdown, and deltas against an earlier report.
 
-The JSON layout is documented in benchmarks/README.md (schema "itemrt-bench/3").
+The JSON layout is documented in benchmarks/README.md (schema "itemrt-bench/4").
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-SCHEMA = "itemrt-bench/3"
+SCHEMA = "itemrt-bench/4"
 
 # Stage groups shared by every backend (the reference chain times whole models).
 GROUPS = {
@@ -53,6 +53,18 @@ def backend_report(raw: dict, peak: dict, precision: str) -> dict:
         out["gpu_stages_ms"] = {k: stats([r.get(k, 0.0) for r in g]) for k in g[0]}
     if "flops" in raw:
         out["gflops"] = _gflops(raw, peak, precision)
+    if raw.get("ops_ms"):
+        out["ops_ms"] = _ops(raw["ops_ms"])
+    return out
+
+
+def _ops(per_image: list[dict[str, dict[str, float]]]) -> dict:
+    """Stage -> op type -> mean milliseconds per image in the profiled pass, largest first."""
+    out = {}
+    for stage in per_image[0]:
+        ops = {op for img in per_image for op in img.get(stage, {})}
+        mean = {op: float(np.mean([img.get(stage, {}).get(op, 0.0) for img in per_image])) for op in ops}
+        out[stage] = dict(sorted(mean.items(), key=lambda kv: -kv[1]))
     return out
 
 
@@ -166,7 +178,16 @@ def table(rep: dict) -> str:
                 for st, v in b["gflops"].items()
             )
             lines.append(f"{'':<12} GFLOP/s (of peak): {g}")
+        for st, ops in b.get("ops_ms", {}).items():
+            total = sum(ops.values())
+            if total >= 1.0:  # where a stage's time goes, by ONNX Runtime's profile (top 4 op types)
+                top = ", ".join(f"{op} {_ms(ms)} ({ms / total:.0%})" for op, ms in list(ops.items())[:4])
+                lines.append(f"{'':<12} {st} {_ms(total)} ms profiled: {top}")
     return "\n".join(lines)
+
+
+def _ms(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.1f}"
 
 
 def markdown(rep: dict) -> str:

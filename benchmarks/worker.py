@@ -9,6 +9,7 @@ The ONNX Runtime workers never import torch.
 from __future__ import annotations
 
 import argparse
+import bisect
 import gc
 import json
 import os
@@ -83,8 +84,8 @@ def run_runtime(args) -> dict:
     rt.close()
     rt = None  # free its sessions before the profiling pass loads the graphs again
     gc.collect()
-    if args.backend == "onnxruntime":  # FLOPs from ORT's CPU profiles, set against the CPU matmul peak
-        result["flops"] = _profile_flops(args, Runtime, blobs)
+    if args.backend == "onnxruntime":  # ORT's CPU profiles: FLOPs against the CPU matmul peak, time by op
+        result["flops"], result["ops_ms"] = _profile(args, Runtime, blobs, result["precisions"])
     return result
 
 
@@ -142,23 +143,43 @@ def node_flops(op: str, in_shapes: list[list[int]], out_shapes: list[list[int]])
     return 0
 
 
-def profile_flops(path: str) -> int:
-    """Matmul and convolution FLOPs of every node run recorded in one ONNX Runtime profile."""
+OVERHEAD = "(outside kernels)"  # a run's time not spent in any node: the executor, feeds, fetches
+
+
+def profile_nodes(path: str) -> dict:
+    """Matmul and convolution FLOPs, and kernel milliseconds by op type, of the second half of
+    the model runs recorded in one ONNX Runtime profile: the caller ran the same work twice,
+    and the first pass pays for first-run allocations. `OVERHEAD` is the runs' time outside
+    their kernels (for a KV-cache decoder, hundreds of small nodes a token)."""
     with open(path) as f:
         events = json.load(f)
-    total = 0
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                  if e.get("cat") == "Session" and e.get("name") == "model_run")
+    runs = runs[len(runs) // 2:]
+    starts = [r[0] for r in runs]
+    flops, ops = 0, {}
     for e in events:
         if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
             continue
+        j = bisect.bisect_right(starts, e["ts"]) - 1
+        if j < 0 or e["ts"] > runs[j][1]:
+            continue  # in the first pass
         a = e.get("args", {})
+        op = a.get("op_name", "?")
         shapes = [[next(iter(d.values())) for d in a.get(k, [])] for k in ("input_type_shape", "output_type_shape")]
-        total += node_flops(a.get("op_name", ""), *shapes)
-    return total
+        flops += node_flops(op, *shapes)
+        ops[op] = ops.get(op, 0.0) + e["dur"] / 1e3
+    if runs:
+        ops[OVERHEAD] = max(0.0, sum(b - a for a, b in runs) / 1e3 - sum(ops.values()))
+    return {"flops": flops, "ops_ms": ops}
 
 
-def _profile_flops(args, Runtime, blobs) -> list[dict[str, int]]:
-    """FLOPs per stage for each bench image: one profiled pass with a fresh runtime."""
-    per_image = []
+def _profile(args, Runtime, blobs, ran: dict[str, str]) -> tuple[list[dict[str, int]], list[dict[str, dict]]]:
+    """FLOPs and op-type milliseconds per stage for each bench image: a fresh runtime with ONNX
+    Runtime's profiler on runs each image twice (cold caption cache both times) and counts the
+    second pass. `ran`: graph -> the precision it ran in when timed; op times are kept only for
+    graphs that ran in the profiled precision on ONNX Runtime (not BF16 ones, on OpenVINO)."""
+    flops, ops = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i, blob in enumerate(blobs):
             prefix = os.path.join(tmp, f"img{i}-")
@@ -167,10 +188,14 @@ def _profile_flops(args, Runtime, blobs) -> list[dict[str, int]]:
             precision = {"bf16": "fp32", "mixed": "int8"}.get(args.precision, args.precision)
             with Runtime(args.bundle, precision=precision, threads=args.threads, verify=False,
                          profile_prefix=prefix) as rt:
-                rt.detect(blob, max_new_tokens=args.tokens, words=_words(args))
-                per_image.append({name: profile_flops(s.end_profiling()) for name, s in rt.sessions.items()})
-            _log(f"profiled image {i + 1}/{len(blobs)} for FLOPs")
-    return per_image
+                for _ in range(2):
+                    rt.clip.cache.clear()
+                    rt.detect(blob, max_new_tokens=args.tokens, words=_words(args))
+                prof = {name: profile_nodes(s.end_profiling()) for name, s in rt.sessions.items()}
+                flops.append({name: p["flops"] for name, p in prof.items()})
+                ops.append({name: p["ops_ms"] for name, p in prof.items() if rt.precisions[name] == ran.get(name)})
+            _log(f"profiled image {i + 1}/{len(blobs)}")
+    return flops, ops
 
 
 # --- PyTorch reference ----------------------------------------------------------------------

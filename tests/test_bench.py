@@ -9,7 +9,7 @@ import sys
 
 import pytest
 from itemrt.bench.report import SCHEMA, backend_report, compare
-from itemrt.bench.worker import node_flops
+from itemrt.bench.worker import _MATMUL_OPS, OVERHEAD, node_flops, profile_nodes
 from itemrt.bundle import Bundle
 
 RUNTIME_STAGES = ("decode", "preprocess", "captioner_vision", "captioner_cross_kv", "captioner_decoder",
@@ -59,6 +59,13 @@ def test_report_structure_and_every_stage_timed(bench):
         assert ort["text_cache"]["mode"] == "cold" and ort["text_cache"]["hit_rate"] == 0.0
         assert ort["gflops"]["clip_image"]["gflop"] > 0 and ort["gflops"]["clip_image"]["achieved_gflops"] > 0
         assert ort["peak_rss_mb"] > 0
+        ops = ort["ops_ms"]  # where each stage's time went, by op type
+        onnx_stages = {st for st, prec in ort["precisions"].items() if prec != "bf16"}  # BF16 runs on OpenVINO
+        assert set(ops) == onnx_stages, name
+        for st, o in ops.items():
+            assert OVERHEAD in o and all(ms >= 0 for ms in o.values()), (name, st)
+            assert list(o.values()) == sorted(o.values(), reverse=True), (name, st)
+        assert _MATMUL_OPS & set(ops["captioner_decoder"]), ops  # never BF16: always on ONNX Runtime
     assert b["ort-int8"]["precision"] == "int8" and "int8" in b["ort-int8"]["precisions"].values()
     # Each stage is set against the peak of the precision its graph ran in.
     g = b["ort-int8"]["gflops"]
@@ -102,6 +109,33 @@ def test_flops_of_matmul_and_conv():
     assert node_flops("DynamicQuantizeMatMul", [[7, 8], [8, 9]], [[7, 9]]) == 2 * 7 * 9 * 8
     assert node_flops("Conv", [[1, 3, 8, 8], [16, 3, 2, 2]], [[1, 16, 4, 4]]) == 2 * 16 * 16 * 3 * 4
     assert node_flops("Softmax", [[4, 4]], [[4, 4]]) == 0
+
+
+def test_profile_counts_the_second_pass_only(tmp_path):
+    """A real ONNX Runtime profile of a graph run twice, the second time with a twice larger
+    batch: FLOPs and op times come from the second run alone."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((64, 32), np.float32), "w")
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Relu", ["y"], ["z"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 32])], [w])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    so = ort.SessionOptions()
+    so.enable_profiling, so.profile_file_prefix = True, str(tmp_path / "p")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    s.run(None, {"x": np.ones((3, 64), np.float32)})
+    s.run(None, {"x": np.ones((6, 64), np.float32)})
+    prof = profile_nodes(s.end_profiling())
+    assert prof["flops"] == 2 * 6 * 32 * 64  # the second run's batch of 6, not 3 + 6
+    assert set(prof["ops_ms"]) == {"MatMul", "Relu", OVERHEAD}
+    assert all(ms >= 0 for ms in prof["ops_ms"].values()) and prof["ops_ms"]["MatMul"] > 0
 
 
 def test_gpu_time_is_reported_apart_from_wall_time():
