@@ -28,6 +28,7 @@ from itemrt.bundle import (
     sha256_file,
     write_manifest,
 )
+from itemrt.captioner import cross_inputs
 from itemrt.errors import ItemError
 from itemrt.images import load_image
 from itemrt.openvino import require_bf16
@@ -247,12 +248,13 @@ def _write_bundle(root: Path, m: Models, images, head_cfg: dict, *, progress, **
     check_past = torch.randn(layers, 2, b, heads, 5, head_dim, generator=gen)
     ids = torch.full((b, 1), tc.bos_token_id, dtype=torch.long)
     kv_axes = {2: "batch", 4: "past"}
+    cross = cross_inputs(layers)  # per layer: views of ck / cv, as the runtime feeds them
     build("captioner_decoder", graphs.BlipDecoderStep(m.blip),
-          (ids[:2], trace_past, ck[:, :2], cv[:, :2]),
-          ["input_ids", "past_kv", "cross_k", "cross_v"], ["logits", "present_kv"],
-          {"input_ids": {0: "batch", 1: "tokens"}, "past_kv": kv_axes, "cross_k": {1: "batch"},
-           "cross_v": {1: "batch"}, "logits": batch, "present_kv": {2: "batch", 4: "total"}},
-          (ids, check_past, ck, cv))
+          (ids[:2], trace_past, *ck[:, :2], *cv[:, :2]),
+          ["input_ids", "past_kv", *cross], ["logits", "present_kv"],
+          {"input_ids": {0: "batch", 1: "tokens"}, "past_kv": kv_axes, **{c: batch for c in cross},
+           "logits": batch, "present_kv": {2: "batch", 4: "total"}},
+          (ids, check_past, *ck, *cv))
 
     # --- detector
     owl_out = build("detector_image", graphs.OwlImage(m.owl), (px["detector"][:2],), ["pixel_values"],

@@ -17,7 +17,8 @@ from typing import Any
 from .errors import BundleIntegrityError, BundleNotFoundError, BundleVersionError
 
 FORMAT = "itemrt-bundle"
-FORMAT_VERSION = 1
+# 2: the captioner decoder takes its cross K/V one input per layer (cross_k.0 ..., cross_v.0 ...)
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 TRAINING_DIR = "training"  # the training report of a trained head
 

@@ -31,6 +31,12 @@ class DecodingSpec:
         return spec
 
 
+def cross_inputs(layers: int) -> list[str]:
+    """The decoder graph's cross-attention inputs: K of each layer, then V of each layer (one input
+    per layer, so a step slices nothing: see `export.graphs.BlipDecoderStep`)."""
+    return [f"cross_k.{i}" for i in range(layers)] + [f"cross_v.{i}" for i in range(layers)]
+
+
 @dataclass
 class Captions:
     texts: list[str]
@@ -69,10 +75,12 @@ class Captioner:
         limit = s.max_new_tokens if max_new_tokens is None else max_new_tokens
         batch = cross_k.shape[1]
         kv_shape = (s.layers, 2, batch, s.heads, 0, s.head_dim)
+        # one input per layer: views into the stacked (L, B, H, S, Dh) K/V (axis 0 outermost: no copy)
+        cross = dict(zip(cross_inputs(len(cross_k)), [*cross_k, *cross_v]))
         if self._on_device:  # the cache stays on the GPU
-            kv = self.decoder.kv_loop(cross_k, cross_v, kv_shape)
+            kv = self.decoder.kv_loop(cross, kv_shape)
         else:
-            kv = HostKV(self.decoder, cross_k, cross_v, kv_shape)
+            kv = HostKV(self.decoder, cross, kv_shape)
         ids = np.full((batch, 1), s.bos_id, np.int64)
         done = np.zeros(batch, bool)
         tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -91,11 +99,11 @@ class Captioner:
 class HostKV:
     """Decoder state in host memory: each step feeds the last step's present K/V back as past."""
 
-    def __init__(self, decoder: Session, cross_k: np.ndarray, cross_v: np.ndarray, kv_shape: tuple[int, ...]):
-        self.decoder, self.cross_k, self.cross_v = decoder, cross_k, cross_v
+    def __init__(self, decoder: Session, cross: dict[str, np.ndarray], kv_shape: tuple[int, ...]):
+        self.decoder, self.cross = decoder, cross
         self.past = np.zeros(kv_shape, np.float32)
 
     def step(self, ids: np.ndarray) -> np.ndarray:
-        out = self.decoder.run({"input_ids": ids, "past_kv": self.past, "cross_k": self.cross_k, "cross_v": self.cross_v})
+        out = self.decoder.run({"input_ids": ids, "past_kv": self.past, **self.cross})
         self.past = out["present_kv"]
         return out["logits"]

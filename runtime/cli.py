@@ -13,7 +13,13 @@ from pathlib import Path
 from .backend import BACKENDS
 from .bundle import PRECISIONS
 from .dataset import DEFAULT_RATIOS, IMAGE_SUFFIXES
-from .errors import ImageError, ItemError, UnsupportedImageError
+from .errors import (
+    BundleError,
+    BundleNotFoundError,
+    ImageError,
+    ItemError,
+    UnsupportedImageError,
+)
 from .perturb import argument as perturbation_argument
 
 SAMPLES = Path(__file__).with_name("samples")
@@ -379,8 +385,14 @@ def _watch(args) -> int:
 
 
 def _demo(args) -> int:
+    from .bundle import Bundle
+
     bundle = Path(args.bundle)
-    if not (bundle / "manifest.json").is_file():
+    try:
+        Bundle.open(bundle)
+    except BundleError as e:  # none yet, or one that an older itemrt wrote: the demo makes its own
+        if not isinstance(e, BundleNotFoundError):
+            print(f"item demo: exporting the demo bundle again ({e})", file=sys.stderr)
         rc = main(["export", "--random-init", "tiny", "--out", str(bundle)])
         if rc:
             return rc

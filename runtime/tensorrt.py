@@ -7,7 +7,7 @@ profile's largest shapes (TensorRT contexts are not thread-safe, buffers are reu
 calls). Independent stages that run on different threads therefore run on different streams.
 
 The captioner's decoder does not go through `run`: `kv_loop` keeps the image's cross K/V (read
-in place from the cross-K/V plan's outputs, `run_on_device`) and the growing self-attention
+in place from the cross-K/V plan's outputs, `run_on_device`, one layer per decoder input) and the growing self-attention
 K/V (ping-ponged between two device buffers) on the GPU for the whole caption, so a step moves
 only token ids in and logits out, and each
 step's enqueue is captured once per (batch, past length) as a CUDA graph and replayed.
@@ -297,9 +297,10 @@ class TrtSession:
             raise RuntimeError(f"{self.name}: TensorRT execution failed")
         return w
 
-    def kv_loop(self, cross_k: DeviceArray, cross_v: DeviceArray, kv_shape: tuple[int, ...]) -> DeviceKV:
-        """Greedy-decoding state for the captioner's decoder plan (see DeviceKV)."""
-        return DeviceKV(self, self._worker(), cross_k, cross_v, kv_shape)
+    def kv_loop(self, cross: dict[str, DeviceArray], kv_shape: tuple[int, ...]) -> DeviceKV:
+        """Greedy-decoding state for the captioner's decoder plan (see DeviceKV); `cross`: input
+        name -> that layer's cross K or V, left on the GPU by the cross-K/V plan."""
+        return DeviceKV(self, self._worker(), cross, kv_shape)
 
     def close(self) -> None:
         with self._lock:
@@ -316,6 +317,14 @@ class DeviceArray:
     shape: tuple[int, ...]
     dtype: str
 
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __iter__(self):
+        """Sub-arrays along axis 0, as numpy iterates: address offsets, nothing copied."""
+        step = int(np.prod(self.shape[1:], dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return (DeviceArray(self.address + i * step, self.shape[1:], self.dtype) for i in range(self.shape[0]))
+
 
 class DeviceKV:
     """One caption's decoder state on the GPU, with the step protocol of `captioner.HostKV`.
@@ -331,10 +340,10 @@ class DeviceKV:
 
     BUFFERS = ("kv~0", "kv~1")  # scratch slots of the decoder's workers, shaped like present_kv
 
-    def __init__(self, session: TrtSession, worker: _Worker, cross_k: DeviceArray, cross_v: DeviceArray, kv_shape):
+    def __init__(self, session: TrtSession, worker: _Worker, cross: dict[str, DeviceArray], kv_shape):
         self.s, self.w, self.t = session, worker, 0
         self.kv_shape = tuple(kv_shape)  # (layers, 2, batch, heads, 0, head_dim): axis 4 grows
-        for name, x in (("cross_k", cross_k), ("cross_v", cross_v)):
+        for name, x in cross.items():
             if x.dtype != session.dtypes[name]:  # both plans keep FP32 I/O; a mix means a stale build
                 raise BundleVersionError(
                     f"{session.name}: {name} is {session.dtypes[name]} but the cross-K/V plan gives {x.dtype}; "

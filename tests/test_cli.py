@@ -112,3 +112,22 @@ def test_sigterm_during_export_leaves_no_half_bundle(tmp_path, cache_dir):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "item export: interrupted" in err, err[-2000:]
     assert list(out.parent.iterdir()) == []
+
+
+def test_demo_replaces_a_bundle_an_older_itemrt_wrote_then_reuses_its_own(tiny_bundle, samples, tmp_path, cache_dir):
+    """The README's main command on a machine that still has the demo bundle of an older format."""
+    import shutil
+
+    demo, pics = tmp_path / "demo", tmp_path / "pics"
+    shutil.copytree(tiny_bundle, demo)
+    m = json.loads((demo / "manifest.json").read_text())
+    (demo / "manifest.json").write_text(json.dumps({**m, "format_version": m["format_version"] - 1}))
+    r = _item("demo", "--bundle", demo, "--explain-dir", pics)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "exporting the demo bundle again" in r.stderr and "format" in r.stderr
+    created = json.loads((demo / "manifest.json").read_text())["created"]
+    assert created != m["created"] and len(list(pics.glob("*.png"))) == len(samples)
+    assert r.stdout.count("p(fake)=") == len(samples) and "untrained" in r.stdout
+    r = _item("demo", "--bundle", demo, "--explain-dir", pics)  # now current: no export
+    assert r.returncode == 0 and "exporting" not in r.stderr
+    assert json.loads((demo / "manifest.json").read_text())["created"] == created

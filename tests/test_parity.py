@@ -57,6 +57,37 @@ def test_greedy_tokens_match_generate_directly(runtime, reference, samples):
         assert r.caption == m.blip_tokenizer.decode(out[0], skip_special_tokens=True).strip()
 
 
+def test_decoder_reads_each_layers_cross_kv_in_place(runtime, samples):
+    """One decoder input per layer, fed views of the cross-K/V graph's stacked outputs: a step
+    copies no K/V (slicing a stacked input inside the graph copied 42 MB a step at full size)."""
+    from itemrt.captioner import cross_inputs
+    from itemrt.preprocess import preprocess
+
+    cap = runtime.captioner
+    layers = cap.spec.layers
+    assert list(cap.decoder.inputs) == ["input_ids", "past_kv", *cross_inputs(layers)]
+    k, v = cap.cross_kv(cap.encode_image(preprocess([load_image(samples[0])], runtime.specs["captioner"])))
+    fed, decoder = [], cap.decoder
+
+    class Recording:  # the real session, with its feeds kept
+        inputs, outputs, name = decoder.inputs, decoder.outputs, decoder.name
+
+        def run(self, feeds, outputs=None):
+            fed.append(feeds)
+            return decoder.run(feeds, outputs)
+
+    cap.decoder = Recording()
+    try:
+        (tokens,) = cap.generate(k, v, max_new_tokens=3).tokens
+    finally:
+        cap.decoder = decoder
+    assert tokens == runtime.detect(samples[0], max_new_tokens=3).caption_tokens
+    for feeds in fed:
+        for i in range(layers):
+            assert np.shares_memory(feeds[f"cross_k.{i}"], k) and np.array_equal(feeds[f"cross_k.{i}"], k[i])
+            assert np.shares_memory(feeds[f"cross_v.{i}"], v) and np.array_equal(feeds[f"cross_v.{i}"], v[i])
+
+
 def test_manifest_records_parity_of_every_component(tiny_bundle):
     m = json.loads((tiny_bundle / "manifest.json").read_text())
     for name, comp in m["components"].items():

@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 from itemrt.bench.load import free_port, request, start_server
+from itemrt.bundle import FORMAT_VERSION
 from PIL import Image
 from test_images import _encode, _photo, _png_claiming
 
@@ -48,7 +49,7 @@ def test_happy_path(server, samples):
     jpg = samples[0].read_bytes()
     status, r = _post(server, jpg)
     assert status == 200 and 0 <= r["p_fake"] <= 1 and r["label"] in ("real", "fake")
-    assert r["bundle"]["name"] == "tiny" and r["bundle"]["format_version"] == 1
+    assert r["bundle"]["name"] == "tiny" and r["bundle"]["format_version"] == FORMAT_VERSION
     assert r["caption"] and "total" in r["timings_ms"] and isinstance(r["objects"], list)
     body, h = _multipart([("image", jpg)])
     status, r2 = _post(server, body, h["content-type"])

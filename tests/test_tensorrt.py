@@ -87,6 +87,19 @@ def test_profiles_accept_every_shape_the_runtime_feeds(tiny_bundle, samples):
     assert min(past) == 0 and max(past) <= m["captioner"]["decoding"]["max_new_tokens"] - 1
 
 
+def test_device_arrays_split_into_layers_by_address():
+    """The TensorRT decoder binds each layer's cross K/V at an offset into the cross-K/V plan's
+    output, the way the ONNX Runtime path feeds numpy views: nothing copied."""
+    from itemrt.tensorrt import DeviceArray
+
+    host = np.zeros((3, 2, 4), np.float16)
+    x = DeviceArray(4096, host.shape, "float16")
+    layers = [*x]
+    assert len(x) == 3 and [a.shape for a in layers] == [(2, 4)] * 3
+    assert [a.address - x.address for a in layers] == [h.ctypes.data - host.ctypes.data for h in host]
+    assert {a.dtype for a in layers} == {"float16"}
+
+
 def test_shapes_outside_the_profile_name_the_rebuild(tiny_bundle):
     p = profiles(Bundle.open(tiny_bundle).manifest, BuildSettings(max_batch=2))
     _, _, hi = p["captioner_vision"]["pixel_values"]
