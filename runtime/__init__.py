@@ -20,7 +20,7 @@ from .errors import (
 from .results import DetectionResult, ObjectResult
 from .runtime import Runtime
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # 0.2: bundle format 2 (per-layer cross K/V in the decoder)
 
 __all__ = [
     "BundleError",
