@@ -31,7 +31,7 @@ import numpy as np
 
 from .backend import check_feeds
 from .errors import BackendUnavailableError, BundleIntegrityError, BundleVersionError
-from .trt_plan import BufferPlan, check_shape
+from .trt_plan import ALIGN, BufferPlan, check_shape
 
 MIN_TENSORRT = 10  # strongly typed networks and name-based I/O (`set_tensor_address`, `execute_async_v3`)
 
@@ -349,6 +349,8 @@ class DeviceKV:
                     f"{session.name}: {name} is {session.dtypes[name]} but the cross-K/V plan gives {x.dtype}; "
                     f"rebuild: {session.rebuild}"
                 )
+            if x.address % ALIGN:  # a layer's offset into the stacked K/V; BLIP's (H*S*Dh*itemsize) are multiples
+                raise RuntimeError(f"{session.name}: {name} at a device address not aligned to {ALIGN} bytes")
             session._set_shape(worker, name, x.shape)
             worker.ctx.set_tensor_address(name, x.address)
         self.buffers = tuple(worker.buf.address(b) for b in self.BUFFERS)

@@ -98,6 +98,11 @@ def test_device_arrays_split_into_layers_by_address():
     assert len(x) == 3 and [a.shape for a in layers] == [(2, 4)] * 3
     assert [a.address - x.address for a in layers] == [h.ctypes.data - host.ctypes.data for h in host]
     assert {a.dtype for a in layers} == {"float16"}
+    # BLIP base's per-layer K/V (batch b, 12 heads, 577 positions, 64 wide) keep TensorRT's alignment
+    for dtype in ("float32", "float16"):
+        for b in (1, 3):
+            kv = DeviceArray(ALIGN * 1000, (12, b, 12, 577, 64), dtype)
+            assert all(layer.address % ALIGN == 0 for layer in kv)
 
 
 def test_shapes_outside_the_profile_name_the_rebuild(tiny_bundle):
