@@ -59,8 +59,8 @@ class BlipDecoderStep(nn.Module):
     -> logits of the last position (B, V), present_kv (L, 2, B, H, P+T, Dh)
 
     Cross K/V come in per layer because slicing a stacked (L, B, H, S, Dh) input copies it:
-    ONNX Runtime's Split of BLIP base's 2 x 21 MB took 4.6 ms of every 33 ms step (its node
-    profile, full size, this project's Xeon). The runtime passes views of the stacked tensors
+    ONNX Runtime's Split of BLIP base's 2 x 21 MB was 10-11% of the decoder's time (item-bench's
+    op profile at full size on this project's Xeon, README "Speed"). The runtime passes views of the stacked tensors
     that the cross-K/V graph returns, so nothing is copied.
     """
 

@@ -7,10 +7,10 @@ profile's largest shapes (TensorRT contexts are not thread-safe, buffers are reu
 calls). Independent stages that run on different threads therefore run on different streams.
 
 The captioner's decoder does not go through `run`: `kv_loop` keeps the image's cross K/V (read
-in place from the cross-K/V plan's outputs, `run_on_device`, one layer per decoder input) and the growing self-attention
-K/V (ping-ponged between two device buffers) on the GPU for the whole caption, so a step moves
-only token ids in and logits out, and each
-step's enqueue is captured once per (batch, past length) as a CUDA graph and replayed.
+in place from the cross-K/V plan's outputs, `run_on_device`, one layer per decoder input) and
+the growing self-attention K/V (ping-ponged between two device buffers) on the GPU for the
+whole caption, so a step moves only token ids in and logits out, and each step's enqueue is
+captured once per (batch, past length) as a CUDA graph and replayed.
 
 Written to the TensorRT 10.x / 11.x Python API (`num_io_tensors`, `get_tensor_name/mode/
 dtype`, `set_input_shape`, `set_tensor_address`, `execute_async_v3`); TensorRT is not
@@ -349,7 +349,7 @@ class DeviceKV:
                     f"{session.name}: {name} is {session.dtypes[name]} but the cross-K/V plan gives {x.dtype}; "
                     f"rebuild: {session.rebuild}"
                 )
-            if x.address % ALIGN:  # a layer's offset into the stacked K/V; BLIP's (H*S*Dh*itemsize) are multiples
+            if x.address % ALIGN:  # offsets of B*H*S*Dh*itemsize bytes: BLIP's (H=12, Dh=64) always are
                 raise RuntimeError(f"{session.name}: {name} at a device address not aligned to {ALIGN} bytes")
             session._set_shape(worker, name, x.shape)
             worker.ctx.set_tensor_address(name, x.address)
