@@ -31,7 +31,7 @@ import numpy as np
 
 from .backend import check_feeds
 from .errors import BackendUnavailableError, BundleIntegrityError, BundleVersionError
-from .trt_plan import ALIGN, BufferPlan, check_shape
+from .trt_plan import ALIGN, KV_SCRATCH, BufferPlan, check_shape, worker_plan
 
 MIN_TENSORRT = 10  # strongly typed networks and name-based I/O (`set_tensor_address`, `execute_async_v3`)
 
@@ -192,7 +192,7 @@ class GraphCaptureError(RuntimeError):
 class _Worker:
     """One thread's TensorRT execution context on its own `DeviceBuffers`."""
 
-    def __init__(self, engine, inputs: dict, outputs: list[str], profile: dict, dtypes: dict, extra: dict | None = None):
+    def __init__(self, engine, inputs: dict, outputs: list[str], profile: dict, dtypes: dict):
         self.ctx = engine.create_execution_context()
         if self.ctx is None:
             raise RuntimeError("TensorRT could not create an execution context (out of device memory?)")
@@ -204,10 +204,9 @@ class _Worker:
             self.ctx.set_input_shape(name, hi)
         shapes = {n: (tuple(profile[n][2]), dtypes[n]) for n in inputs}
         shapes.update({n: (tuple(self.ctx.get_tensor_shape(n)), dtypes[n]) for n in outputs})
-        shapes.update({n: (shapes[like][0], dtypes[like]) for n, like in (extra or {}).items()})  # scratch twins
-        self.buf = DeviceBuffers(BufferPlan.for_shapes(shapes), stream)
+        self.buf = DeviceBuffers(worker_plan(shapes), stream)
         self.graphable = True
-        for name in (*inputs, *outputs):
+        for name in shapes.keys() & self.buf.plan.slots.keys():  # the decoder's others: DeviceKV binds them
             self.ctx.set_tensor_address(name, self.buf.address(name))
 
     def execute(self, graph_key: tuple | None = None) -> bool:
@@ -243,8 +242,6 @@ class TrtSession:
         self.inputs = {n: np.dtype(self.dtypes[n]).type for n in names if is_input[n]}
         self.outputs = [n for n in names if not is_input[n]]
         self.profile = {n: tuple(tuple(s) for s in engine.get_tensor_profile_shape(n, 0)) for n in self.inputs}
-        # a decoder plan (it returns its K/V cache) gets DeviceKV's two cache buffers per worker
-        self._scratch = {b: "present_kv" for b in DeviceKV.BUFFERS} if "present_kv" in self.outputs else {}
         self._local = threading.local()
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
@@ -252,7 +249,7 @@ class TrtSession:
     def _worker(self) -> _Worker:
         w = getattr(self._local, "worker", None)
         if w is None:
-            w = _Worker(self.engine, self.inputs, self.outputs, self.profile, self.dtypes, self._scratch)
+            w = _Worker(self.engine, self.inputs, self.outputs, self.profile, self.dtypes)
             self._local.worker = w
             with self._lock:
                 self._workers.append(w)
@@ -288,6 +285,8 @@ class TrtSession:
         }
 
     def _enqueue(self, feeds: dict[str, np.ndarray]) -> _Worker:
+        if "present_kv" in self.outputs:  # its workers hold no slots for K/V (trt_plan.worker_plan)
+            raise RuntimeError(f"{self.name}: a decoder plan runs step by step through kv_loop, not run()")
         check_feeds(self.name, self.inputs, feeds)
         w = self._worker()
         for name, x in feeds.items():
@@ -331,14 +330,12 @@ class DeviceKV:
 
     Cross K/V are read in place from the cross-K/V plan's output buffers (same thread, so
     the addresses are fixed and no later image overwrites them mid-caption): nothing is
-    copied. The self-attention cache alternates between the scratch
-    buffers kv~0 and kv~1 (each sized for the longest `present_kv`): step t reads t positions
+    copied. The self-attention cache alternates between the worker's two
+    buffers `KV_SCRATCH` (each sized for the longest `present_kv`): step t reads t positions
     from one and writes t + 1 to the other, so nothing but ids and logits crosses the bus.
     Each (batch, t) enqueue is a CUDA graph after its first use; the addresses it binds are
     fixed per (batch, t), so the graph stays valid while the worker lives.
     """
-
-    BUFFERS = ("kv~0", "kv~1")  # scratch slots of the decoder's workers, shaped like present_kv
 
     def __init__(self, session: TrtSession, worker: _Worker, cross: dict[str, DeviceArray], kv_shape):
         self.s, self.w, self.t = session, worker, 0
@@ -353,7 +350,7 @@ class DeviceKV:
                 raise RuntimeError(f"{session.name}: {name} at a device address not aligned to {ALIGN} bytes")
             session._set_shape(worker, name, x.shape)
             worker.ctx.set_tensor_address(name, x.address)
-        self.buffers = tuple(worker.buf.address(b) for b in self.BUFFERS)
+        self.buffers = tuple(worker.buf.address(b) for b in KV_SCRATCH)
 
     def step(self, ids: np.ndarray) -> np.ndarray:
         s, w, t = self.s, self.w, self.t

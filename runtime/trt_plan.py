@@ -131,6 +131,22 @@ class BufferPlan:
         return int(np.prod(shape, dtype=np.int64)) * DTYPE_SIZES[s.dtype] <= s.nbytes
 
 
+KV_SCRATCH = ("kv~0", "kv~1")  # the decoder's self-attention cache, ping-ponged by tensorrt.DeviceKV
+DECODER_STAGED = ("input_ids", "logits")  # all that a decoder step moves between host and GPU
+
+
+def worker_plan(io: dict[str, tuple[Shape, str]]) -> BufferPlan:
+    """The slots of one worker, from its plan's I/O tensors at their largest shapes. A decoder
+    plan (it returns `present_kv`) gets slots for the step's ids and logits and two cache
+    buffers shaped like `present_kv`, nothing for the cross K/V or `past_kv`/`present_kv`:
+    DeviceKV binds those to the GPU memory that already holds them (at BLIP base's 577 image
+    positions the cross K/V would take 42 MB of device and as much pinned host memory per
+    image of the batch, never used)."""
+    if "present_kv" not in io:
+        return BufferPlan.for_shapes(io)
+    return BufferPlan.for_shapes({**{n: io[n] for n in DECODER_STAGED}, **{b: io["present_kv"] for b in KV_SCRATCH}})
+
+
 def target_key(trt_version: str, compute_capability: tuple[int, int], gpu_name: str) -> str:
     """Where a build's plans live: a plan runs only on the TensorRT version and GPU model
     that built it (clip_trt names its engines by version and SM the same way)."""
