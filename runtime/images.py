@@ -11,6 +11,7 @@ import math
 import os
 import struct
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def load_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS) -> Imag
         return _from_array(source, limits)
     if isinstance(source, Image.Image):
         _check_size(source.size, limits)
-        return _to_rgb(_upright(_first_frame(source)))
+        # Image.open is lazy: a caller's image may not be decoded yet, and may be truncated
+        return _to_rgb(_upright(_typed_errors(lambda: _loaded(_first_frame(source)))))
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     elif isinstance(source, (str, os.PathLike)):
@@ -63,14 +65,27 @@ def decode_bytes(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Ima
         raise CorruptImageError("empty image data (0 bytes)")
     if len(data) > limits.max_bytes:
         raise ImageTooLargeError(f"image data is {len(data)} bytes, over the limit of {limits.max_bytes}")
+
+    def decode() -> Image.Image:
+        img = Image.open(io.BytesIO(data))
+        _check_size(img.size, limits)  # header only: nothing decoded yet
+        return _loaded(_first_frame(img))
+
+    return _to_rgb(_upright(_typed_errors(decode)))
+
+
+def _loaded(img: Image.Image) -> Image.Image:
+    img.load()
+    return img
+
+
+def _typed_errors(decode: Callable[[], Image.Image]) -> Image.Image:
+    """Run `decode`, turning what Pillow raises on hostile or broken data into ImageErrors."""
     try:
         with warnings.catch_warnings():
             # PIL only warns between 1x and 2x its own limit; treat that as a bomb too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            _check_size(img.size, limits)  # header only: nothing decoded yet
-            img = _first_frame(img)
-            img.load()
+            return decode()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLargeError(f"decompression bomb refused: {e}") from None
     except UnidentifiedImageError:
@@ -79,7 +94,6 @@ def decode_bytes(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Ima
         raise
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
         raise CorruptImageError(f"truncated or corrupt image: {e}") from None
-    return _to_rgb(_upright(img))
 
 
 def _read_file(path: Path, limits: ImageLimits) -> bytes:

@@ -57,6 +57,16 @@ def test_bad_bytes_give_typed_errors(data, error):
         load_image(data)
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_lazily_opened_truncated_pil_image_gives_a_typed_error(fmt):
+    """Image.open reads only the header; the truncation shows when the pixels are decoded,
+    which must happen inside load_image, not later in a resize."""
+    data = _encode(_photo(), fmt)
+    with pytest.raises(CorruptImageError, match="truncated"):
+        load_image(Image.open(io.BytesIO(data[: len(data) // 2])))
+    assert load_image(Image.open(io.BytesIO(data))).size == (64, 48)
+
+
 def test_byte_limit():
     with pytest.raises(ImageTooLargeError):
         load_image(_encode(_photo(), "PNG"), ImageLimits(max_bytes=100))
