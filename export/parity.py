@@ -242,7 +242,7 @@ def _embed_cos(runtime, img, res, ref) -> list[float]:
     from itemrt.preprocess import preprocess
 
     crops = [img, *(crop_box(img, b) for b in ref.boxes if b is not None)]
-    img_emb = runtime.clip.encode_image(preprocess(crops, runtime.specs["clip"]))
+    img_emb = runtime.clip.encode_image(preprocess([(crops, runtime.specs["clip"])])[0])
     found_words = [w for w, f in zip(ref.words, ref.found) if f]
     txt_emb = np.concatenate(
         [runtime.clip.encode_text([ref.caption]), runtime.bank.clip[runtime.bank.rows(found_words)]]

@@ -203,7 +203,7 @@ def _write_bundle(root: Path, m: Models, images, head_cfg: dict, *, progress, **
         "detector": image_spec(m.owl_processor),
         "clip": image_spec(m.clip_processor),
     }
-    px = {k: torch.from_numpy(preprocess(images, s)) for k, s in specs.items()}
+    px = {k: torch.from_numpy(x) for k, x in zip(specs, preprocess([(images, s) for s in specs.values()]))}
     steps = 9
     n = iter(range(1, steps + 1))
 

@@ -6,6 +6,7 @@ image -> captioner -> caption -> object words -> detector boxes -> crops
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -158,6 +159,8 @@ class Runtime:
         self.threshold = float(m["head"]["threshold"])
         self.image_limits = image_limits
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="itemrt") if parallel else None
+        # image decoding and resizing (Pillow, GIL released), whatever `parallel` says
+        self._image_pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="itemrt-image")
 
     @staticmethod
     def _plans(b: Bundle, precision: str | None) -> dict:
@@ -199,8 +202,8 @@ class Runtime:
             return []
         t = Timings()
         with t.stage("total"):
-            with t.stage("decode"):
-                pil = [self._load(x, i, len(images)) for i, x in enumerate(images)]
+            with t.stage("decode"):  # Pillow decodes without the GIL: several images at once
+                pil = list(self._image_pool.map(self._load, images, range(len(images)), [len(images)] * len(images)))
             results = self._run(pil, t, max_new_tokens, words)
         timings = {k: round(v, 3) for k, v in t.items()}
         return [Analysis(replace(a.result, timings_ms=dict(timings)), a.pairs) for a in results]
@@ -212,6 +215,7 @@ class Runtime:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        self._image_pool.shutdown(wait=True)
 
     def __enter__(self) -> Runtime:  # noqa: PYI034 - typing.Self needs 3.11; Jetson runs 3.10
         return self
@@ -233,9 +237,11 @@ class Runtime:
         self, images: list[Image.Image], t: Timings, max_new_tokens: int | None, forced: list[str] | None
     ) -> list[Analysis]:
         cap, det = self.captioner, self.detector
-        with t.stage("preprocess"):
-            px_cap = preprocess(images, self.specs["captioner"])
-            px_det = preprocess(images, self.specs["detector"])
+        with t.stage("preprocess"):  # CLIP's I0 too: like the other two, it needs only the image
+            px_cap, px_det, px_i0 = preprocess(
+                [(images, self.specs["captioner"]), (images, self.specs["detector"]), (images, self.specs["clip"])],
+                self._image_pool,
+            )
 
         def caption():
             with t.stage("captioner_vision"):
@@ -275,8 +281,13 @@ class Runtime:
             ]
         with t.stage("crops"):
             found = [[d for d in ds if d.found] for ds in dets]
-            crops = [c for img, fs in zip(images, found) for c in [img, *(crop_box(img, d.box) for d in fs)]]
-            px_clip = preprocess(crops, self.specs["clip"])
+            crops = [crop_box(img, d.box) for img, fs in zip(images, found) for d in fs]
+            (px_crops,) = preprocess([(crops, self.specs["clip"])], self._image_pool)
+            rows, offset = [], 0
+            for i, fs in enumerate(found):
+                rows += [px_i0[i : i + 1], px_crops[offset : offset + len(fs)]]
+                offset += len(fs)
+            px_clip = np.concatenate(rows)
         with t.stage("clip_image"):
             img_emb = self.clip.encode_image(px_clip)  # [I0, crops] of every image in one call
         with t.stage("clip_text"):

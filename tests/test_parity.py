@@ -66,7 +66,7 @@ def test_decoder_reads_each_layers_cross_kv_in_place(runtime, samples):
     cap = runtime.captioner
     layers = cap.spec.layers
     assert list(cap.decoder.inputs) == ["input_ids", "past_kv", *cross_inputs(layers)]
-    k, v = cap.cross_kv(cap.encode_image(preprocess([load_image(samples[0])], runtime.specs["captioner"])))
+    k, v = cap.cross_kv(cap.encode_image(preprocess([([load_image(samples[0])], runtime.specs["captioner"])])[0]))
     fed, decoder = [], cap.decoder
 
     class Recording:  # the real session, with its feeds kept

@@ -28,6 +28,6 @@ def test_matches_processor(name, hw):
     rng = np.random.default_rng(sum(hw))
     img = Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8))
     ref = ip(img, return_tensors="np")["pixel_values"]
-    got = preprocess([img], image_spec(ip))
+    (got,) = preprocess([([img], image_spec(ip))])
     assert got.shape == ref.shape and got.dtype == np.float32
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
