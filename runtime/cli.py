@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-in-flight", type=int, default=32, help="images admitted at once; beyond: 429")
     s.add_argument("--timeout-s", type=float, default=60.0)
     s.add_argument("--max-upload-mb", type=float, default=20.0)
+    s.add_argument("--max-uploads", type=int, default=32,
+                   help="request bodies received at once (bounds their memory); beyond: 429")
+    s.add_argument("--upload-timeout-s", type=float, default=30.0, help="to receive one body; beyond: 408")
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=_serve)
 
@@ -360,7 +363,8 @@ def _serve(args) -> int:
     cfg = ServeConfig(
         bundle=args.bundle, precision=args.precision, backend=args.backend, threads=args.threads, max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms, max_in_flight=args.max_in_flight, timeout_s=args.timeout_s,
-        max_upload_bytes=int(args.max_upload_mb * 2**20), token=read_token(args.token_file),
+        max_upload_bytes=int(args.max_upload_mb * 2**20), max_uploads=args.max_uploads,
+        upload_timeout_s=args.upload_timeout_s, token=read_token(args.token_file),
     )
     serve(cfg, args.host, args.port, args.log_level)
     return 0

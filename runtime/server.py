@@ -40,6 +40,8 @@ class ServeConfig:
     max_in_flight: int = 32  # images admitted at once (decoding, queued, running); beyond: 429
     timeout_s: float = 60.0  # per request, from admission to answer; beyond: 504
     max_upload_bytes: int = 20 << 20  # per request body; beyond: 413
+    max_uploads: int = 32  # request bodies being received at once; beyond: 429 (bounds their memory)
+    upload_timeout_s: float = 30.0  # to receive one body; beyond: 408 (a trickling client holds no slot)
     max_batch_images: int = 16  # files in one /v1/detect/batch request
     token: str | None = None  # bearer token for everything but /healthz and /readyz
     retry_after_s: int = 1
@@ -70,6 +72,7 @@ class Metrics:
                                buckets=(1, 2, 4, 8, 16, 32))
         self.in_flight = Gauge("itemrt_in_flight_images", "Images admitted and not yet answered", registry=r)
         self.queued = Gauge("itemrt_queued_images", "Images waiting for a batch (queue depth)", registry=r)
+        self.uploads = Gauge("itemrt_uploads_in_progress", "Request bodies being received", registry=r)
         self.cache_hit_rate = Gauge("itemrt_text_cache_hit_rate", "Caption text-cache hit rate", registry=r)
         self.ready = Gauge("itemrt_ready", "1 when the bundle is loaded and warmed", registry=r)
 
@@ -97,7 +100,8 @@ def create_app(cfg: ServeConfig):
 
     metrics = Metrics()
     answered: Counter[str] = Counter()  # detect requests a handler took, by the status it answered
-    state: dict = {"ready": False}
+    state: dict = {"ready": False, "uploading": 0}
+    metrics.uploads.set_function(lambda: state["uploading"])
     limits = DEFAULT_LIMITS
 
     @asynccontextmanager
@@ -144,12 +148,29 @@ def create_app(cfg: ServeConfig):
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > cfg.max_upload_bytes:
             raise HTTPError(413, "payload_too_large", f"body of {declared} bytes; limit {cfg.max_upload_bytes}")
+        # Bodies are buffered before admission, so their number is bounded here (the event loop is
+        # one thread: a plain counter is exact).
+        if state["uploading"] >= cfg.max_uploads:
+            raise HTTPError(429, "too_many_uploads", f"{cfg.max_uploads} uploads already in progress",
+                            {"Retry-After": str(cfg.retry_after_s)})
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > cfg.max_upload_bytes:
-                raise HTTPError(413, "payload_too_large", f"body over the limit of {cfg.max_upload_bytes} bytes")
-            chunks.append(chunk)
+
+        async def receive():
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > cfg.max_upload_bytes:
+                    raise HTTPError(413, "payload_too_large", f"body over the limit of {cfg.max_upload_bytes} bytes")
+                chunks.append(chunk)
+
+        state["uploading"] += 1
+        try:
+            await asyncio.wait_for(receive(), cfg.upload_timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPError(408, "upload_timeout",
+                            f"body not received within {cfg.upload_timeout_s} s ({size} bytes came)") from None
+        finally:
+            state["uploading"] -= 1
         return b"".join(chunks)
 
     async def uploads(request: Request, many: bool) -> list[bytes]:

@@ -7,7 +7,9 @@ import json
 import os
 import re
 import signal
+import socket
 import threading
+import time
 import uuid
 
 import pytest
@@ -168,6 +170,38 @@ def test_full_queue_answers_429_with_retry_after(tiny_bundle, samples):
     assert set(statuses) <= {200, 429}, statuses
     assert statuses.count(429) >= 1 and statuses.count(200) >= 1
     assert all(h["retry-after"] == "1" for s, h in results if s == 429)
+
+
+def _metric(port: int, name: str) -> float:
+    text = request(port, "GET", "/metrics")[1].decode()
+    return float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE).group(1))
+
+
+def test_a_trickling_upload_holds_its_slot_only_until_the_upload_timeout(tiny_bundle, samples):
+    port = free_port()
+    proc = start_server(str(tiny_bundle), port, "--max-uploads", "1", "--upload-timeout-s", "2")
+    jpg = samples[0].read_bytes()
+    try:
+        slow = socket.create_connection(("127.0.0.1", port), timeout=30)
+        slow.sendall(b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(jpg) + jpg[:100])  # and then nothing more
+        deadline = time.monotonic() + 10
+        while _metric(port, "itemrt_uploads_in_progress") < 1:
+            assert time.monotonic() < deadline, "the slow upload never started"
+            time.sleep(0.05)
+        status, r = _post(port, jpg)  # the one upload slot is taken
+        assert status == 429 and r["error"] == "too_many_uploads"
+        answer = b""  # the server gives up on the slow one, answers and closes
+        while chunk := slow.recv(4096):
+            answer += chunk
+        slow.close()
+        answer = answer.decode(errors="replace")
+        assert answer.startswith("HTTP/1.1 408") and '"error":"upload_timeout"' in answer
+        assert _metric(port, "itemrt_uploads_in_progress") == 0
+        assert _post(port, jpg)[0] == 200  # and the slot is free again
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def test_sigterm_under_load_loses_no_accepted_request(tiny_bundle, samples):
