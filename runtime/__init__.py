@@ -4,6 +4,7 @@ The lean runtime (this package) needs numpy, Pillow, tokenizers and ONNX Runtime
 """
 
 from .errors import (
+    BackendUnavailableError,
     BundleError,
     BundleIntegrityError,
     BundleNotFoundError,
@@ -13,6 +14,7 @@ from .errors import (
     ImageNotFoundError,
     ImageTooLargeError,
     ItemError,
+    RuntimeClosedError,
     UnsupportedImageError,
     UnsupportedModelError,
     WeightsNotFoundError,
@@ -23,6 +25,7 @@ from .runtime import Runtime
 __version__ = "0.2.0"  # 0.2: bundle format 2 (per-layer cross K/V in the decoder)
 
 __all__ = [
+    "BackendUnavailableError",
     "BundleError",
     "BundleIntegrityError",
     "BundleNotFoundError",
@@ -35,6 +38,7 @@ __all__ = [
     "ItemError",
     "ObjectResult",
     "Runtime",
+    "RuntimeClosedError",
     "UnsupportedImageError",
     "UnsupportedModelError",
     "WeightsNotFoundError",

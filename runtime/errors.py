@@ -71,6 +71,12 @@ class BackendUnavailableError(ItemError):
     code = "backend_unavailable"
 
 
+class RuntimeClosedError(ItemError, RuntimeError):
+    """`detect` on a Runtime after `close()`: its sessions and thread pools are gone."""
+
+    code = "runtime_closed"
+
+
 # --- export side --------------------------------------------------------------------------
 
 

@@ -21,7 +21,12 @@ from .bundle import PRECISIONS, Bundle
 from .captioner import Captioner, DecodingSpec
 from .clip import Clip
 from .detector import Detection, Detector
-from .errors import BundleIntegrityError, BundleVersionError, ImageError
+from .errors import (
+    BundleIntegrityError,
+    BundleVersionError,
+    ImageError,
+    RuntimeClosedError,
+)
 from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, crop_box, load_image
 from .openvino import OvSession
 from .preprocess import ImageSpec, preprocess
@@ -158,6 +163,7 @@ class Runtime:
         self.features, _ = recipe(m["head"]["recipe"])
         self.threshold = float(m["head"]["threshold"])
         self.image_limits = image_limits
+        self._closed = False
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="itemrt") if parallel else None
         # image decoding and resizing (Pillow, GIL released), whatever `parallel` says
         self._image_pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="itemrt-image")
@@ -194,6 +200,8 @@ class Runtime:
     ) -> list[Analysis]:
         """`detect_batch` plus each image's matched pairs: what `item features` stores and
         `item train` learns from."""
+        if self._closed:
+            raise RuntimeClosedError("this Runtime was closed; open the bundle again")
         if words is not None:
             unknown = [w for w in words if w not in self.bank.index]
             if unknown:
@@ -213,6 +221,10 @@ class Runtime:
         return [Analysis(replace(a.result, timings_ms=dict(timings)), a.pairs) for a in results]
 
     def close(self) -> None:
+        """Free the sessions' device memory and stop the thread pools; detect() then raises."""
+        if self._closed:
+            return
+        self._closed = True
         for s in self.sessions.values():
             if isinstance(s, TrtSession):
                 s.close()

@@ -127,6 +127,17 @@ def test_result_fields(runtime, samples):
     json.dumps(r.to_dict())  # serializable as is
 
 
+def test_a_closed_runtime_says_so(tiny_bundle, samples):
+    from itemrt import Runtime, RuntimeClosedError
+
+    with Runtime(tiny_bundle) as rt:
+        assert rt.detect(samples[0]).caption_tokens
+    for call in (lambda: rt.detect(samples[0]), lambda: rt.detect_batch(samples[:2])):
+        with pytest.raises(RuntimeClosedError, match="closed"):
+            call()
+    rt.close()  # closing twice is harmless
+
+
 def test_caption_without_object_words(tiny_bundle, reference, samples):
     """No word matches: no boxes, no crops, only the global pair; both chains agree."""
     from itemrt import Runtime
