@@ -3,8 +3,10 @@
 Callers are admitted against a bound on images in flight (decode, queue and run); past it
 they get `QueueFull` at once rather than waiting. One worker thread takes a job, keeps
 collecting until `max_batch` images or `max_wait_s`, runs the batch and answers every job.
-A job whose caller gave up (timeout) before it ran is skipped. `close()` answers everything
-already admitted before it returns.
+A job whose caller gave up (timeout) before it ran is skipped, and its images count as in
+flight until then: they are still in memory, so a stalled backend fills the bound and new
+callers get `QueueFull` instead of growing the queue. `close()` answers everything already
+admitted before it returns.
 """
 
 from __future__ import annotations
@@ -29,8 +31,17 @@ class QueueFull(ItemError):
 
 
 @dataclass
+class Places:
+    """In-flight places held by one request; `submit` hands them to its job."""
+
+    n: int
+    handed_over: bool = False
+
+
+@dataclass
 class Job:
     images: list[Image.Image]
+    places: int = 0  # given back by the worker when it is done with the job
     future: Future = field(default_factory=Future)
 
 
@@ -52,26 +63,35 @@ class Batcher:
 
     @contextmanager
     def admit(self, n: int = 1):
-        """Hold `n` of the in-flight places for the life of one request, or raise QueueFull."""
+        """Hold `n` in-flight places for one request, or raise QueueFull. Pass what this yields
+        to `submit`: the places then stay taken until the worker is done with the job, even if
+        the caller stops waiting; otherwise they come back when the `with` block ends."""
         with self._lock:
             if self._closed:
                 raise QueueFull("the server is shutting down")
             if self.in_flight + n > self.max_in_flight:
                 raise QueueFull(f"{self.in_flight} images in flight (limit {self.max_in_flight})")
             self.in_flight += n
+        places = Places(n)
         try:
-            yield
+            yield places
         finally:
-            with self._lock:
-                self.in_flight -= n
-                self._lock.notify_all()
+            if not places.handed_over:
+                self._release(n)
 
-    def submit(self, images: list[Image.Image]) -> Future:
+    def submit(self, images: list[Image.Image], places: Places | None = None) -> Future:
         job = Job(images)
+        if places is not None:
+            job.places, places.handed_over = places.n, True
         with self._lock:
             self.queued += len(images)
         self._q.put(job)
         return job.future
+
+    def _release(self, n: int) -> None:
+        with self._lock:
+            self.in_flight -= n
+            self._lock.notify_all()
 
     def close(self, timeout_s: float | None = None) -> None:
         """Refuse new requests, wait for every admitted one to be answered, then stop."""
@@ -113,6 +133,12 @@ class Batcher:
     def _run(self, batch: list[Job]) -> None:
         with self._lock:
             self.queued -= sum(len(j.images) for j in batch)
+        try:
+            self._answer(batch)
+        finally:
+            self._release(sum(j.places for j in batch))
+
+    def _answer(self, batch: list[Job]) -> None:
         live = [j for j in batch if j.future.set_running_or_notify_cancel()]
         if not live:
             return

@@ -232,9 +232,9 @@ def create_app(cfg: ServeConfig):
             blobs = await uploads(request, many)
             batcher: Batcher = state["batcher"]
             try:
-                with batcher.admit(len(blobs)):
+                with batcher.admit(len(blobs)) as places:
                     images = await run_in_threadpool(decode, blobs)
-                    fut = asyncio.wrap_future(batcher.submit(images))
+                    fut = asyncio.wrap_future(batcher.submit(images, places))
                     try:
                         results = await asyncio.wait_for(fut, cfg.timeout_s)
                     except asyncio.TimeoutError:

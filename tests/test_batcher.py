@@ -92,3 +92,34 @@ def test_close_waits_for_admitted_requests(runtime, images):
     b.close(timeout_s=120)  # returns only once the admitted caller has its answer
     t.join(timeout=5)
     assert len(answered) == 1 and not t.is_alive()
+
+
+def test_a_caller_that_gives_up_holds_its_places_until_its_images_leave_the_queue(runtime, images):
+    gate = threading.Event()
+
+    class Stalled:  # the real runtime, stuck until the test lets it go
+        def detect_batch(self, ims):
+            gate.wait(60)
+            return runtime.detect_batch(ims)
+
+    b = Batcher(Stalled(), max_batch=1, max_wait_s=0.0, max_in_flight=2)
+    try:
+        with b.admit(1) as places:  # the callers leave their blocks: they stopped waiting
+            first = b.submit([images[0]], places)
+        with b.admit(1) as places:
+            second = b.submit([images[1]], places)
+        assert second.cancel()  # a timed-out caller's job, still queued behind the stalled one
+        assert b.in_flight == 2
+        with pytest.raises(QueueFull, match="limit 2"), b.admit(1):  # their images are still held
+            pass
+        gate.set()
+        assert first.result(timeout=120)[0].caption_tokens
+        deadline = time.monotonic() + 60
+        while b.in_flight:  # the worker answers the first and skips the cancelled second
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        with b.admit(2):
+            pass
+    finally:
+        gate.set()
+        b.close(timeout_s=60)
