@@ -97,12 +97,12 @@ class Watcher:
 
     def _ready(self) -> list[Path]:
         """New files that did not change since the last look, oldest first."""
-        out = []
+        out, seen = [], {}
         for p, st in self._new():
-            sig = (st.st_size, st.st_mtime_ns)
+            sig = seen[p.name] = (st.st_size, st.st_mtime_ns)
             if self._seen.get(p.name) == sig:
                 out.append((st.st_mtime_ns, p))
-            self._seen[p.name] = sig
+        self._seen = seen  # only files still pending: a camera running for months adds no memory here
         return [p for _, p in sorted(out)]
 
     def process(self, path: Path) -> dict | None:
