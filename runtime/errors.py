@@ -22,6 +22,12 @@ class ImageNotFoundError(ImageError, FileNotFoundError):
     code = "image_not_found"
 
 
+class ImageUnreadableError(ImageError):
+    """The file is there but cannot be read (permissions, an I/O error)."""
+
+    code = "image_unreadable"
+
+
 class UnsupportedImageError(ImageError):
     """Not an image at all, or an array/object of the wrong kind."""
 

@@ -22,6 +22,7 @@ from .errors import (
     CorruptImageError,
     ImageNotFoundError,
     ImageTooLargeError,
+    ImageUnreadableError,
     UnsupportedImageError,
 )
 
@@ -97,15 +98,20 @@ def _typed_errors(decode: Callable[[], Image.Image]) -> Image.Image:
 
 
 def _read_file(path: Path, limits: ImageLimits) -> bytes:
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise ImageNotFoundError(f"no such image file: {path}") from None
+    """At most `limits.max_bytes`, whatever the file claims: a pipe or a device reports size 0
+    (`item detect <(curl ...)` is a pipe), and a file may grow while it is read."""
     if path.is_dir():
         raise UnsupportedImageError(f"{path} is a directory, not an image")
-    if size > limits.max_bytes:
-        raise ImageTooLargeError(f"{path} is {size} bytes, over the limit of {limits.max_bytes}")
-    return path.read_bytes()
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limits.max_bytes + 1)
+    except FileNotFoundError:
+        raise ImageNotFoundError(f"no such image file: {path}") from None
+    except OSError as e:
+        raise ImageUnreadableError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(data) > limits.max_bytes:
+        raise ImageTooLargeError(f"{path} is over the limit of {limits.max_bytes} bytes")
+    return data
 
 
 def _check_size(size: tuple[int, int], limits: ImageLimits) -> None:

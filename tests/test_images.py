@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
+import threading
 import zlib
 
 import numpy as np
@@ -13,6 +15,7 @@ from itemrt import (
     ImageError,
     ImageNotFoundError,
     ImageTooLargeError,
+    ImageUnreadableError,
     UnsupportedImageError,
 )
 from itemrt.images import ImageLimits, crop_box, load_image
@@ -81,6 +84,23 @@ def test_paths(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(CorruptImageError):
         load_image(empty)
+    with pytest.raises(ImageUnreadableError, match="Not a directory"):  # an OSError that is not "missing"
+        load_image(empty / "x.jpg")
+
+
+def test_streams_are_read_up_to_the_byte_limit_only():
+    """A pipe or a device says size 0: the limit holds while reading (`item detect <(curl ...)`)."""
+    jpg = _encode(_photo(), "JPEG")
+    r, w = os.pipe()
+    writer = threading.Thread(target=lambda: (os.write(w, jpg), os.close(w)))
+    writer.start()
+    try:
+        assert load_image(f"/dev/fd/{r}").size == _photo().size
+    finally:
+        writer.join()
+        os.close(r)
+    with pytest.raises(ImageTooLargeError):  # endless
+        load_image("/dev/zero", ImageLimits(max_bytes=1 << 20))
 
 
 @pytest.mark.parametrize(
