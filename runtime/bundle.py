@@ -144,6 +144,8 @@ class Bundle:
             raise ValueError(f"verify must be True, False or 'full', got {verify!r}")
         cache = HashCache() if verify is True else None
         for rel, digest in self.manifest.get("files", {}).items():
+            if Path(rel).is_absolute() or ".." in Path(rel).parts:  # a bundle reads only inside itself
+                raise BundleIntegrityError(f"the manifest lists {rel!r}, outside the bundle; {_redo(self.manifest, self.root)}")
             path = self.root / rel
             if not path.is_file():
                 raise BundleIntegrityError(f"bundle file {rel} is missing; {_redo(self.manifest, self.root)}")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from itemrt import (
@@ -134,6 +136,21 @@ def test_unlisted_file_is_refused(copy):
     b = Bundle.open(copy)
     with pytest.raises(BundleIntegrityError):
         b.file("../../etc/passwd")
+
+
+@pytest.mark.parametrize("rel", ["../outside.onnx", "/etc/hostname", "tokenizers/../../outside.onnx"])
+def test_a_manifest_pointing_outside_the_bundle_is_refused(copy, rel):
+    outside = copy.parent / "outside.onnx"
+    shutil.copy(copy / "head.onnx", outside)
+    target = outside if rel.endswith("outside.onnx") else Path(rel)
+
+    def point_outside(m):  # even with the right digest
+        m["files"][rel] = hashlib.sha256(target.read_bytes()).hexdigest()
+        m["components"]["head"]["file"] = rel
+
+    _edit_manifest(copy, point_outside)
+    with pytest.raises(BundleIntegrityError, match="outside the bundle"):
+        Bundle.open(copy)
 
 
 def test_missing_int8_graph(copy):
