@@ -42,6 +42,15 @@ def test_bad_image_reported_and_others_still_run(tiny_bundle, samples, tmp_path)
     first, second = (json.loads(x) for x in r.stdout.splitlines())
     assert first["error"] == "unsupported_image"
     assert "p_fake" in second
+    # batched: the same answers in the same order, the bad one in its place
+    paths = [samples[0], bad, *samples[1:3]]
+    one, three = (_item("detect", "--bundle", tiny_bundle, "--json", "--batch-size", n, *paths) for n in ("1", "3"))
+    assert one.returncode == three.returncode == 1
+    one, three = ([json.loads(x) for x in r.stdout.splitlines()] for r in (one, three))
+    assert [x["path"] for x in three] == [str(p) for p in paths] and three[1]["error"] == "unsupported_image"
+    for a, b in zip(one, three):
+        assert a.get("caption_tokens") == b.get("caption_tokens") and a.get("label") == b.get("label")
+        assert abs(a.get("p_fake", 0) - b.get("p_fake", 0)) < 1e-4
 
 
 def test_info(tiny_bundle):
