@@ -56,7 +56,7 @@ def run_runtime(args) -> dict:
     blobs = [Path(p).read_bytes() for p in args.images]
     t0 = time.perf_counter()
     rt = Runtime(args.bundle, precision=args.precision, backend=args.backend, threads=args.threads,
-                 parallel=args.parallel)
+                 parallel=args.parallel, max_batch=max([1, *args.batch_sizes]))  # a batch size is one pass
     load_s = time.perf_counter() - t0
     cache = rt.clip.cache
 

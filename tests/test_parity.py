@@ -110,6 +110,21 @@ def test_batch_equals_single(runtime, samples):
         assert abs(a.global_distance - b.global_distance) < 1e-5
 
 
+def test_long_lists_run_in_passes_of_max_batch(tiny_bundle, runtime, samples):
+    from itemrt import ImageError, Runtime
+
+    images = samples[:4]
+    with Runtime(tiny_bundle, precision="fp32", max_batch=3) as rt:
+        split = rt.detect_batch(images)  # passes of 3 and 1
+        with pytest.raises(ImageError, match="image 3"):  # named by its place in the caller's list
+            rt.detect_batch([*images[:3], b"garbage"])
+    for a, b in zip(runtime.detect_batch(images), split, strict=True):
+        assert a.caption_tokens == b.caption_tokens and abs(a.p_fake - b.p_fake) < 1e-5
+    assert split[0].timings_ms == split[2].timings_ms != split[3].timings_ms  # each pass its own
+    with pytest.raises(ValueError, match="max_batch"):
+        Runtime(tiny_bundle, max_batch=0)
+
+
 def test_result_fields(runtime, samples):
     r = runtime.detect(samples[0])
     assert 0.0 <= r.p_fake <= 1.0 and r.label in ("real", "fake")
