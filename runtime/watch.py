@@ -7,6 +7,10 @@ with one `write` on an O_APPEND descriptor and fsynced; a torn last line from a 
 cut off on start, and that file is processed again. Unreadable files move to a
 quarantine folder with a `.reason` file beside them (a reused name gets -2, -3, ...), and the
 ledger records them. A file that goes away before it is read is skipped, not recorded.
+An error that is not the image's (the backend, memory) is retried at the next look; a file
+that fails `MAX_TRIES` times is quarantined as `internal_error`, so one poison file cannot
+stall the folder, and `MAX_TRIES` different files failing in a row stop the watcher with that
+error: the runtime itself is broken, and its supervisor should restart it.
 Files still being written (size or mtime changed since the last look), hidden files and
 `*.part` / `*.tmp` files wait.
 """
@@ -23,6 +27,7 @@ from pathlib import Path
 from .errors import ImageError
 
 SKIP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
+MAX_TRIES = 3
 
 
 def free_name(folder: Path, stem: str, suffix: str, taken) -> Path:
@@ -82,6 +87,8 @@ class Watcher:
         self.interval_s, self.progress = interval_s, progress
         self.done = self.ledger.load()
         self._seen: dict[str, tuple[int, int]] = {}  # name -> (size, mtime) at the last look
+        self._tries: dict[str, int] = {}  # key -> unexpected errors so far
+        self._failing: set[str] = set()  # keys that failed unexpectedly since the last success
 
     def _new(self):
         """(path, stat) of every file in the folder not yet in the ledger."""
@@ -106,25 +113,44 @@ class Watcher:
         return [p for _, p in sorted(out)]
 
     def process(self, path: Path) -> dict | None:
-        """The file's ledger record; None when it went away before it was read (the camera
-        removed or renamed it): not an answer, so nothing is recorded."""
-        t = time.time()
+        """The file's ledger record; None when there is none yet: it went away before it was
+        read (the camera removed or renamed it), or it is to be tried again."""
+        t, key = time.time(), None
         try:
             key = file_key(path)
             r = self.rt.detect(path)
             record = {"key": key, "path": str(path), "time": t, **r.to_dict()}
         except FileNotFoundError:  # ImageNotFoundError is one too
             self._seen.pop(path.name, None)
+            self.progress(f"{path.name}: gone before it was read; skipped")
             return None
         except ImageError as e:
-            target = self._quarantine(path, f"{e.code}: {e}\n")
-            if target is None:
+            record = self._quarantined(path, key, t, e.code, f"{e.code}: {e}", str(e))
+        except Exception as e:  # not the image's fault: see the module's docstring
+            self._failing.add(key)
+            if len(self._failing) >= MAX_TRIES:
+                raise
+            tries = self._tries[key] = self._tries.get(key, 0) + 1
+            what = f"{type(e).__name__}: {e}"
+            if tries < MAX_TRIES:
+                self.progress(f"{path.name}: {what}; trying again ({tries} of {MAX_TRIES})")
                 return None
-            record = {"key": key, "path": str(path), "time": t, "error": e.code, "message": str(e),
-                      "quarantined": str(target)}
+            record = self._quarantined(path, key, t, "internal_error", f"internal_error: {what}", what)
+        else:
+            self._failing.clear()
+        if record is None:
+            return None
         self.ledger.append(record)
         self.done.add(key)
+        self._tries.pop(key, None)
         return record
+
+    def _quarantined(self, path: Path, key: str, t: float, code: str, reason: str, message: str) -> dict | None:
+        target = self._quarantine(path, reason + "\n")
+        if target is None:
+            self.progress(f"{path.name}: gone before it was read; skipped")
+            return None
+        return {"key": key, "path": str(path), "time": t, "error": code, "message": message, "quarantined": str(target)}
 
     def _quarantine(self, path: Path, reason: str) -> Path | None:
         """Move the file aside under a name no earlier one has (cameras reuse names)."""
@@ -143,7 +169,6 @@ class Watcher:
         for p in self._ready():
             rec = self.process(p)
             if rec is None:
-                self.progress(f"{p.name}: gone before it was read; skipped")
                 continue
             n += 1
             state = rec.get("error") or f"{rec['label']} p(fake)={rec['p_fake']:.4f}"

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from itemrt.watch import Watcher
 
 
@@ -91,3 +92,42 @@ def test_vanished_files_are_skipped_and_reused_names_kept_apart(runtime, tmp_pat
     assert (cam / "quarantine" / "snap-2.jpg").read_bytes() == b"second bad"
     assert (cam / "quarantine" / "snap-2.jpg.reason").is_file()
     assert len(_lines(out)) == 2
+
+
+class _FailsOn:
+    """The real runtime, except that detect raises (not an ImageError) on the named files."""
+
+    def __init__(self, runtime, names):
+        self.runtime, self.names = runtime, names
+
+    def detect(self, path):
+        if path.name in self.names:
+            raise RuntimeError("the backend fell over")
+        return self.runtime.detect(path)
+
+
+def test_a_poison_file_is_retried_then_quarantined_and_the_others_go_on(runtime, samples, tmp_path):
+    cam, out, said = tmp_path / "cam", tmp_path / "results.jsonl", []
+    cam.mkdir()
+    shutil.copy(samples[0], cam / "a.jpg")
+    shutil.copy(samples[1], cam / "poison.jpg")
+    shutil.copy(samples[2], cam / "z.jpg")
+    w = Watcher(_FailsOn(runtime, {"poison.jpg"}), cam, out, interval_s=0.01, progress=said.append)
+    assert w.run(once=True) == 3
+    recs = {r["path"].rsplit("/", 1)[-1]: r for r in _lines(out)}
+    assert set(recs) == {"a.jpg", "poison.jpg", "z.jpg"} and "p_fake" in recs["z.jpg"]
+    assert recs["poison.jpg"]["error"] == "internal_error" and "fell over" in recs["poison.jpg"]["message"]
+    assert (cam / "quarantine" / "poison.jpg").is_file()
+    assert sum("trying again" in m for m in said) == 2  # tries 1 and 2; the third quarantines
+
+
+def test_a_broken_runtime_stops_the_watcher_and_moves_nothing(runtime, samples, tmp_path):
+    cam, out = tmp_path / "cam", tmp_path / "results.jsonl"
+    cam.mkdir()
+    names = [f"{c}.jpg" for c in "abcd"]
+    for name, p in zip(names, samples):
+        shutil.copy(p, cam / name)
+    w = Watcher(_FailsOn(runtime, set(names)), cam, out, interval_s=0.01, progress=lambda m: None)
+    with pytest.raises(RuntimeError, match="fell over"):
+        w.run(once=True)
+    assert not out.exists() and sorted(p.name for p in cam.iterdir()) == names  # nothing recorded or moved
