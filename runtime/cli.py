@@ -177,7 +177,8 @@ def _detect(args) -> int:
         args.explain.mkdir(parents=True, exist_ok=True)
     failures, written = 0, set()
     step = max(1, args.batch_size)
-    with Runtime(args.bundle, threads=args.threads, precision=args.precision, backend=args.backend) as rt:
+    with Runtime(args.bundle, threads=args.threads, precision=args.precision, backend=args.backend,
+                 max_batch=step) as rt:  # a batch is one pass
         for start in range(0, len(paths), step):
             # decoded once, for the chain and the picture; a bad image is reported in its place
             loaded = [_load_for_detect(p, rt.image_limits) for p in paths[start : start + step]]
@@ -260,7 +261,8 @@ def _features(args) -> int:
         print("item features: give --bundle or set ITEM_BUNDLE", file=sys.stderr)
         return 2
     samples = load_dataset(args.dataset, tuple(args.split_ratios))
-    with Runtime(args.bundle, threads=args.threads, precision=args.precision, backend=args.backend) as rt:
+    with Runtime(args.bundle, threads=args.threads, precision=args.precision, backend=args.backend,
+                 max_batch=max(1, args.batch_size)) as rt:  # a batch is one pass
         try:
             s = extract(rt, samples, args.out, perturbation=args.perturb or "", batch_size=args.batch_size,
                         dataset=str(args.dataset.resolve()), progress=_stderr)

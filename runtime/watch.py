@@ -125,7 +125,7 @@ class Watcher:
             self.progress(f"{path.name}: gone before it was read; skipped")
             return None
         except ImageError as e:
-            record = self._quarantined(path, key, t, e.code, f"{e.code}: {e}", str(e))
+            record = self._quarantine(path, key, t, e.code, str(e))
         except Exception as e:  # not the image's fault: see the module's docstring
             self._failing.add(key)
             if len(self._failing) >= MAX_TRIES:
@@ -135,7 +135,7 @@ class Watcher:
             if tries < MAX_TRIES:
                 self.progress(f"{path.name}: {what}; trying again ({tries} of {MAX_TRIES})")
                 return None
-            record = self._quarantined(path, key, t, "internal_error", f"internal_error: {what}", what)
+            record = self._quarantine(path, key, t, "internal_error", what)
         else:
             self._failing.clear()
         if record is None:
@@ -145,23 +145,18 @@ class Watcher:
         self._tries.pop(key, None)
         return record
 
-    def _quarantined(self, path: Path, key: str, t: float, code: str, reason: str, message: str) -> dict | None:
-        target = self._quarantine(path, reason + "\n")
-        if target is None:
-            self.progress(f"{path.name}: gone before it was read; skipped")
-            return None
-        return {"key": key, "path": str(path), "time": t, "error": code, "message": message, "quarantined": str(target)}
-
-    def _quarantine(self, path: Path, reason: str) -> Path | None:
-        """Move the file aside under a name no earlier one has (cameras reuse names)."""
+    def _quarantine(self, path: Path, key: str, t: float, code: str, message: str) -> dict | None:
+        """Move the file aside under a name no earlier one has (cameras reuse names), with a
+        `.reason` file; its ledger record, or None when the file went away first."""
         self.quarantine.mkdir(parents=True, exist_ok=True)
         target = free_name(self.quarantine, path.stem, path.suffix, Path.exists)
         try:
             shutil.move(str(path), target)
         except FileNotFoundError:
+            self.progress(f"{path.name}: gone before it was read; skipped")
             return None
-        target.with_name(target.name + ".reason").write_text(reason)
-        return target
+        target.with_name(target.name + ".reason").write_text(f"{code}: {message}\n")
+        return {"key": key, "path": str(path), "time": t, "error": code, "message": message, "quarantined": str(target)}
 
     def scan(self) -> int:
         """One look at the folder; files must look the same twice, so call it at an interval."""
