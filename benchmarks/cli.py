@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from itemrt.argtypes import COUNT, THREADS, integer
+
 from . import peak
 from .report import SCHEMA, backend_report, compare, markdown, outputs_match, table
 
@@ -177,17 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path)
     p.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
     p.add_argument("--images", nargs="+", type=Path, default=None, help="default: the shipped sample images")
-    p.add_argument("--runs", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=0, help="0: all cores")
-    p.add_argument("--tokens", type=int, default=None, help="caption token limit (default: the bundle's)")
-    p.add_argument("--objects", type=int, default=None,
+    p.add_argument("--runs", type=COUNT, default=8)
+    p.add_argument("--warmup", type=integer(0), default=1)
+    p.add_argument("--threads", type=THREADS, default=0, help="0: all cores")
+    p.add_argument("--tokens", type=COUNT, default=None, help="caption token limit (default: the bundle's)")
+    p.add_argument("--objects", type=integer(0), default=None,
                    help="look for this many fixed words instead of the caption's (same work in every run)")
     p.add_argument("--text-cache", choices=["cold", "warm"], default="cold",
                    help="cold: caption cache cleared before each run (every caption new); warm: kept")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--callers", type=int, nargs="+", default=[1, 2], help="concurrent detect() callers")
-    p.add_argument("--throughput-repeats", type=int, default=2)
+    p.add_argument("--batch-sizes", type=COUNT, nargs="+", default=[1, 2, 4])
+    p.add_argument("--callers", type=COUNT, nargs="+", default=[1, 2], help="concurrent detect() callers")
+    p.add_argument("--throughput-repeats", type=COUNT, default=2)
     p.add_argument("--parallel", action="store_true", help="run the runtime's image-only stages side by side")
     p.add_argument("--json", type=Path, default=None, help="write the report (schema in benchmarks/README.md)")
     p.add_argument("--markdown", type=Path, default=None, help="write a markdown table")

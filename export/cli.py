@@ -7,9 +7,12 @@ import argparse
 import shlex
 import sys
 
+from itemrt.argtypes import COUNT, FRACTION, number
 from itemrt.perturb import argument as perturbation_argument
 
 from .models import DEFAULT_SOURCES
+
+TARGET_FPR = number(0, 1, high_open=True)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,9 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-init", choices=["tiny", "full"], default=None,
                    help="build the same architectures with seeded random weights instead (tests, benchmarks)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--max-objects", type=int, default=4)
-    p.add_argument("--det-threshold", type=float, default=0.1)
+    p.add_argument("--max-new-tokens", type=COUNT, default=20)
+    p.add_argument("--max-objects", type=COUNT, default=4)
+    p.add_argument("--det-threshold", type=FRACTION, default=0.1)
     p.add_argument("--precisions", nargs="*", choices=["int8", "fp16", "bf16"], default=["int8"],
                    help="reduced-precision variants to make and gate (default: int8; fp16 is for GPUs; bf16 "
                         "for CPUs with AMX or AVX512-BF16, run by OpenVINO; int8 and bf16 together also gate precision "
@@ -77,15 +80,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", "-b", required=True, help="bundle to install the trained head into")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="item-v1",
                    help="item-v1: global and local by concatenation; -sum: by sum; -global / -local: ablations")
-    p.add_argument("--hidden", type=int, nargs="*", default=[512, 128], help="hidden widths (none: logistic regression)")
-    p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-2)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-epochs", type=int, default=200)
-    p.add_argument("--patience", type=int, default=20, help="epochs without a better validation AP before stopping")
+    p.add_argument("--hidden", type=COUNT, nargs="*", default=[512, 128], help="hidden widths (none: logistic regression)")
+    p.add_argument("--dropout", type=number(0, 1, high_open=True), default=0.1)
+    p.add_argument("--lr", type=number(0, low_open=True), default=1e-3)
+    p.add_argument("--weight-decay", type=number(0), default=1e-2)
+    p.add_argument("--batch-size", type=COUNT, default=64)
+    p.add_argument("--max-epochs", type=COUNT, default=200)
+    p.add_argument("--patience", type=COUNT, default=20, help="epochs without a better validation AP before stopping")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--target-fpr", type=float, default=None,
+    p.add_argument("--target-fpr", type=TARGET_FPR, default=None,
                    help="pick the threshold for this false positive rate on validation reals (default: 0.5)")
 
 
@@ -104,7 +107,7 @@ def run_train(args: argparse.Namespace) -> int:
 def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("features", help="feature store made by `item features` with this bundle (its val split is used)")
     p.add_argument("--bundle", "-b", required=True)
-    p.add_argument("--target-fpr", type=float, required=True, help="false positive rate on real images, e.g. 0.01")
+    p.add_argument("--target-fpr", type=TARGET_FPR, required=True, help="false positive rate on real images, e.g. 0.01")
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
@@ -123,7 +126,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     p.add_argument("--robustness", nargs="*", type=perturbation_argument, default=[], metavar="SPEC",
                    help="re-run the chain on perturbed images: jpeg=QUALITY, blur=SIGMA, scale=FACTOR")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=COUNT, default=1)
 
 
 def run_eval(args: argparse.Namespace) -> int:

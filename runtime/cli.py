@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+from .argtypes import COUNT, FRACTION, PORT, SECONDS, THREADS, number
 from .backend import BACKENDS
 from .bundle import PRECISIONS
 from .dataset import DEFAULT_RATIOS, IMAGE_SUFFIXES
@@ -46,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="one JSON object per line")
     d.add_argument("--explain", type=Path, default=None,
                    help="PNG with boxes, words, distances and the verdict (a folder when several images)")
-    d.add_argument("--threads", type=int, default=0)
-    d.add_argument("--batch-size", type=int, default=1,
+    d.add_argument("--threads", type=THREADS, default=0)
+    d.add_argument("--batch-size", type=COUNT, default=1,
                    help="images per detect_batch call (more images/s, more memory; timings are then per batch)")
     d.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="graphs to run (default: the bundle's; a variant only where its gate passed at export)")
@@ -62,20 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="HTTP service for upload gateways (needs the [serve] extra)")
     s.add_argument("bundle")
     s.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1; 0.0.0.0 to listen on every interface")
-    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--port", type=PORT, default=8080)
     s.add_argument("--token-file", default=None,
                    help="bearer token file (default: $ITEM_SERVE_TOKEN; neither: no auth)")
     s.add_argument("--precision", choices=PRECISIONS, default=None)
     s.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help=BACKEND_HELP)
-    s.add_argument("--threads", type=int, default=0)
-    s.add_argument("--max-batch", type=int, default=4, help="images per batch; 1 turns micro-batching off")
-    s.add_argument("--max-wait-ms", type=float, default=10.0)
-    s.add_argument("--max-in-flight", type=int, default=32, help="images admitted at once; beyond: 429")
-    s.add_argument("--timeout-s", type=float, default=60.0)
-    s.add_argument("--max-upload-mb", type=float, default=20.0)
-    s.add_argument("--max-uploads", type=int, default=32,
+    s.add_argument("--threads", type=THREADS, default=0)
+    s.add_argument("--max-batch", type=COUNT, default=4, help="images per batch; 1 turns micro-batching off")
+    s.add_argument("--max-wait-ms", type=number(0), default=10.0)
+    s.add_argument("--max-in-flight", type=COUNT, default=32, help="images admitted at once; beyond: 429")
+    s.add_argument("--timeout-s", type=SECONDS, default=60.0)
+    s.add_argument("--max-upload-mb", type=number(0, low_open=True), default=20.0)
+    s.add_argument("--max-uploads", type=COUNT, default=32,
                    help="request bodies received at once (bounds their memory); beyond: 429")
-    s.add_argument("--upload-timeout-s", type=float, default=30.0, help="to receive one body; beyond: 408")
+    s.add_argument("--upload-timeout-s", type=SECONDS, default=30.0, help="to receive one body; beyond: 408")
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=_serve)
 
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--bundle", "-b", default=os.environ.get("ITEM_BUNDLE"), help="bundle folder (or $ITEM_BUNDLE)")
     w.add_argument("--out", type=Path, required=True, help="results, one JSON line per image (also the ledger)")
     w.add_argument("--quarantine", type=Path, default=None, help="default: FOLDER/quarantine")
-    w.add_argument("--interval", type=float, default=1.0, help="seconds between looks")
+    w.add_argument("--interval", type=SECONDS, default=1.0, help="seconds between looks")
     w.add_argument("--once", action="store_true", help="stop when nothing new is left")
     w.add_argument("--precision", choices=PRECISIONS, default=None)
     w.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help=BACKEND_HELP)
@@ -99,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", type=Path, required=True, help="feature store folder (created, or resumed)")
     f.add_argument("--precision", choices=PRECISIONS, default=None)
     f.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help=BACKEND_HELP)
-    f.add_argument("--threads", type=int, default=0)
-    f.add_argument("--batch-size", type=int, default=1)
-    f.add_argument("--split-ratios", type=float, nargs=3, default=list(DEFAULT_RATIOS), metavar=("TRAIN", "VAL", "TEST"),
+    f.add_argument("--threads", type=THREADS, default=0)
+    f.add_argument("--batch-size", type=COUNT, default=1)
+    f.add_argument("--split-ratios", type=FRACTION, nargs=3, default=list(DEFAULT_RATIOS), metavar=("TRAIN", "VAL", "TEST"),
                    help="for images without a split: assigned by a hash of the path (stable across runs)")
     f.add_argument("--perturb", type=perturbation_argument, default=None, metavar="SPEC", help="jpeg=Q, blur=SIGMA or scale=F applied before the chain")
     f.set_defaults(func=_features)
@@ -114,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("bundle")
     bd.add_argument("--precision", choices=["fp16", "fp32"], default="fp16",
                     help="fp16: each part's gated FP16 graph (FP32 where its gate failed); fp32: the exported graphs")
-    bd.add_argument("--max-batch", type=int, default=4, help="images per detect_batch call the engines accept")
-    bd.add_argument("--opt-batch", type=int, default=1, help="the batch TensorRT tunes kernels for")
-    bd.add_argument("--workspace-gb", type=float, default=4.0)
+    bd.add_argument("--max-batch", type=COUNT, default=4, help="images per detect_batch call the engines accept")
+    bd.add_argument("--opt-batch", type=COUNT, default=1, help="the batch TensorRT tunes kernels for")
+    bd.add_argument("--workspace-gb", type=number(0, low_open=True), default=4.0)
     bd.set_defaults(func=_build)
 
     c = sub.add_parser("calibrate", help="re-pick the head's threshold for a target FPR on validation reals (needs [export])")

@@ -111,10 +111,15 @@ class Runtime:
         profile_prefix: str | None = None,
         max_batch: int | None = None,
     ):
-        self.bundle = b = Bundle.open(bundle, verify=verify)
-        m = b.manifest
+        # Arguments first: a bad one fails before any graph is loaded.
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if threads < 0:
+            raise ValueError(f"threads must be 0 (all cores) or more, got {threads}")
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.bundle = b = Bundle.open(bundle, verify=verify)
+        m = b.manifest
         self.backend = backend
         # TensorRT runs what `item build` built; the other GPU backends prefer gated FP16 graphs.
         plans = self._plans(b, precision) if backend == "tensorrt" else None
@@ -168,8 +173,6 @@ class Runtime:
         self.features, _ = recipe(m["head"]["recipe"])
         self.threshold = float(m["head"]["threshold"])
         self.image_limits = image_limits
-        if max_batch is not None and max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         caps = [x for x in (max_batch, int(plans["settings"]["max_batch"]) if plans else None) if x is not None]
         self.max_batch = min(caps) if caps else 8
         self._closed = False

@@ -1,4 +1,4 @@
-"""The `item` command as a user runs it (a real subprocess)."""
+"""The `item` command as a user runs it (a real subprocess), and the range checks on its numbers."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+from itemrt.bench.cli import build_parser as bench_parser
+from itemrt.cli import build_parser as item_parser
 from PIL import Image
 
 
@@ -140,3 +143,46 @@ def test_demo_replaces_a_bundle_an_older_itemrt_wrote_then_reuses_its_own(tiny_b
     r = _item("demo", "--bundle", demo, "--explain-dir", pics)  # now current: no export
     assert r.returncode == 0 and "exporting" not in r.stderr
     assert json.loads((demo / "manifest.json").read_text())["created"] == created
+
+
+ITEM_BAD_NUMBERS = [
+    (["detect", "a.jpg", "--batch-size", "0"], "--batch-size"),
+    (["detect", "a.jpg", "--threads", "-1"], "--threads"),
+    (["serve", "b", "--port", "70000"], "--port"),
+    (["serve", "b", "--max-batch", "0"], "--max-batch"),
+    (["serve", "b", "--timeout-s", "-1"], "--timeout-s"),
+    (["serve", "b", "--max-upload-mb", "inf"], "--max-upload-mb"),
+    (["watch", "d", "--out", "r.jsonl", "--interval", "0"], "--interval"),
+    (["features", "d", "--out", "f", "--split-ratios", "0.5", "0.5", "-1"], "--split-ratios"),
+    (["build", "b", "--opt-batch", "x"], "--opt-batch"),
+    (["export", "--out", "b", "--det-threshold", "2"], "--det-threshold"),
+    (["export", "--out", "b", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["train", "f", "--bundle", "b", "--lr", "nan"], "--lr"),
+    (["train", "f", "--bundle", "b", "--hidden", "64", "0"], "--hidden"),
+    (["train", "f", "--bundle", "b", "--dropout", "1"], "--dropout"),
+    (["calibrate", "f", "--bundle", "b", "--target-fpr", "1"], "--target-fpr"),
+]
+
+
+@pytest.mark.parametrize("argv,flag", ITEM_BAD_NUMBERS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in ITEM_BAD_NUMBERS])
+def test_out_of_range_numbers_are_usage_errors_naming_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        item_parser().parse_args(argv)
+    assert e.value.code == 2
+    assert f"argument {flag}: must be " in capsys.readouterr().err
+
+
+def test_item_bench_numbers_are_checked_too(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_parser().parse_args(["b", "--runs", "0"])
+    assert e.value.code == 2 and "argument --runs: must be an integer >= 1, got '0'" in capsys.readouterr().err
+
+
+def test_the_ends_of_each_range_are_accepted():
+    a = item_parser().parse_args(["serve", "b", "--port", "0", "--threads", "0", "--max-wait-ms", "0"])
+    assert (a.port, a.threads, a.max_wait_ms) == (0, 0, 0.0)
+    a = item_parser().parse_args(["features", "d", "--out", "f", "--split-ratios", "1", "0", "0"])
+    assert a.split_ratios == [1.0, 0.0, 0.0]
+    assert item_parser().parse_args(["calibrate", "f", "--bundle", "b", "--target-fpr", "0"]).target_fpr == 0.0
+    b = bench_parser().parse_args(["b", "--objects", "0", "--warmup", "0", "--batch-sizes", "1", "8"])
+    assert (b.objects, b.warmup, b.batch_sizes) == (0, 0, [1, 8])

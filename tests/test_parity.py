@@ -123,6 +123,8 @@ def test_long_lists_run_in_passes_of_max_batch(tiny_bundle, runtime, samples):
     assert split[0].timings_ms == split[2].timings_ms != split[3].timings_ms  # each pass its own
     with pytest.raises(ValueError, match="max_batch"):
         Runtime(tiny_bundle, max_batch=0)
+    with pytest.raises(ValueError, match="threads"):  # checked before the bundle is even opened
+        Runtime(tiny_bundle.parent / "no-such-bundle", threads=-1)
 
 
 def test_result_fields(runtime, samples):
