@@ -13,6 +13,10 @@ stall the folder, and `MAX_TRIES` different files failing in a row stop the watc
 error: the runtime itself is broken, and its supervisor should restart it.
 Files still being written (size or mtime changed since the last look), hidden files and
 `*.part` / `*.tmp` files wait.
+
+Memory follows the folder, not its history: the watcher remembers only the keys of files that
+are in the folder as they were answered, so a camera that rotates or overwrites its snapshots
+can run for months. The ledger is read line by line on start, and keeps every record.
 """
 
 from __future__ import annotations
@@ -39,31 +43,32 @@ def free_name(folder: Path, stem: str, suffix: str, taken) -> Path:
     return target
 
 
-def file_key(path: Path, st: os.stat_result | None = None) -> str:
-    st = st or path.stat()
-    return f"{path.name}|{st.st_size}|{st.st_mtime_ns}"
+def file_key(name: str, st: os.stat_result) -> str:
+    return f"{name}|{st.st_size}|{st.st_mtime_ns}"
 
 
 @dataclass
 class Ledger:
     path: Path
 
-    def load(self) -> set[str]:
-        """Keys already answered; a torn last line (crash mid-write) is cut off."""
+    def load(self, keep=lambda key: True) -> set[str]:
+        """Keys already answered that `keep` accepts, read line by line; a torn last line (crash
+        mid-write) is cut off first."""
         if not self.path.exists():
             return set()
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1
-            with open(self.path, "r+b") as f:
-                f.truncate(cut)
-            data = data[:cut]
-        keys = set()
-        for line in data.splitlines():
-            try:
-                keys.add(json.loads(line)["key"])
-            except (ValueError, KeyError, TypeError):
-                continue  # a foreign line: keep it, it names no file
+        with open(self.path, "r+b") as f:
+            end = f.seek(0, os.SEEK_END)
+            if end and _byte_at(f, end - 1) != b"\n":
+                f.truncate(_line_start(f, end))
+            f.seek(0)
+            keys = set()
+            for line in f:
+                try:
+                    key = json.loads(line)["key"]
+                except (ValueError, KeyError, TypeError):
+                    continue  # a foreign line: keep it, it names no file
+                if keep(key):
+                    keys.add(key)
         return keys
 
     def append(self, record: dict) -> None:
@@ -76,6 +81,24 @@ class Ledger:
             os.close(fd)
 
 
+def _byte_at(f, pos: int) -> bytes:
+    f.seek(pos)
+    return f.read(1)
+
+
+def _line_start(f, end: int, chunk: int = 1 << 16) -> int:
+    """Offset just past the last newline before `end` (0 when there is none)."""
+    pos = end
+    while pos > 0:
+        step = min(chunk, pos)
+        f.seek(pos - step)
+        nl = f.read(step).rfind(b"\n")
+        if nl >= 0:
+            return pos - step + nl + 1
+        pos -= step
+    return 0
+
+
 class Watcher:
     def __init__(self, runtime, folder: str | Path, out: str | Path, *, quarantine: str | Path | None = None,
                  interval_s: float = 1.0, progress=print):
@@ -85,39 +108,50 @@ class Watcher:
         self.ledger = Ledger(Path(out))
         self.quarantine = Path(quarantine) if quarantine else self.folder / "quarantine"
         self.interval_s, self.progress = interval_s, progress
-        self.done = self.ledger.load()
+        present = {file_key(name, st) for name, st in self._files()}
+        self.done = self.ledger.load(keep=present.__contains__)
         self._seen: dict[str, tuple[int, int]] = {}  # name -> (size, mtime) at the last look
         self._tries: dict[str, int] = {}  # key -> unexpected errors so far
         self._failing: set[str] = set()  # keys that failed unexpectedly since the last success
 
-    def _new(self):
-        """(path, stat) of every file in the folder not yet in the ledger."""
-        for p in self.folder.iterdir():
-            if not p.is_file() or p.name.startswith(".") or p.suffix.lower() in SKIP_SUFFIXES:
-                continue
-            try:
-                st = p.stat()
-            except FileNotFoundError:
-                continue
-            if file_key(p, st) not in self.done:
-                yield p, st
+    def _files(self) -> list[tuple[str, os.stat_result]]:
+        """(name, stat) of every file in the folder that may be an image: one stat each, and
+        plain strings, because this runs over the whole folder at every look."""
+        out = []
+        with os.scandir(self.folder) as it:
+            for e in it:
+                if e.name.startswith(".") or e.name.lower().endswith(SKIP_SUFFIXES):
+                    continue
+                try:
+                    if e.is_file():  # follows links, like the reader will
+                        out.append((e.name, e.stat()))
+                except FileNotFoundError:
+                    continue
+        return out
 
     def _ready(self) -> list[Path]:
         """New files that did not change since the last look, oldest first."""
-        out, seen = [], {}
-        for p, st in self._new():
-            sig = seen[p.name] = (st.st_size, st.st_mtime_ns)
-            if self._seen.get(p.name) == sig:
-                out.append((st.st_mtime_ns, p))
-        self._seen = seen  # only files still pending: a camera running for months adds no memory here
-        return [p for _, p in sorted(out)]
+        out, seen, keyed = [], {}, [(name, st, file_key(name, st)) for name, st in self._files()]
+        present = {k for _, _, k in keyed}
+        # Remember only files still here as they are (see the docstring): a file moved away,
+        # deleted or overwritten in place is forgotten.
+        self.done &= present
+        self._tries = {k: n for k, n in self._tries.items() if k in present}
+        for name, st, key in keyed:
+            if key in self.done:
+                continue
+            sig = seen[name] = (st.st_size, st.st_mtime_ns)
+            if self._seen.get(name) == sig:
+                out.append((st.st_mtime_ns, name))
+        self._seen = seen  # only files still pending
+        return [self.folder / name for _, name in sorted(out)]
 
     def process(self, path: Path) -> dict | None:
         """The file's ledger record; None when there is none yet: it went away before it was
         read (the camera removed or renamed it), or it is to be tried again."""
         t, key = time.time(), None
         try:
-            key = file_key(path)
+            key = file_key(path.name, path.stat())
             r = self.rt.detect(path)
             record = {"key": key, "path": str(path), "time": t, **r.to_dict()}
         except FileNotFoundError:  # ImageNotFoundError is one too
@@ -182,4 +216,4 @@ class Watcher:
             time.sleep(self.interval_s)
 
     def _pending(self) -> bool:
-        return any(True for _ in self._new())
+        return any(file_key(name, st) not in self.done for name, st in self._files())

@@ -131,3 +131,34 @@ def test_a_broken_runtime_stops_the_watcher_and_moves_nothing(runtime, samples, 
     with pytest.raises(RuntimeError, match="fell over"):
         w.run(once=True)
     assert not out.exists() and sorted(p.name for p in cam.iterdir()) == names  # nothing recorded or moved
+
+
+def test_memory_follows_the_folder_not_its_history(runtime, samples, tmp_path):
+    """A camera that deletes or overwrites its snapshots: the watcher forgets those files (a
+    long run costs no memory), answers an overwritten file again, and a restart repeats nothing."""
+    cam, out = tmp_path / "cam", tmp_path / "results.jsonl"
+    cam.mkdir()
+    for name, p in zip("abc", samples):
+        shutil.copy(p, cam / f"{name}.jpg")
+    w = Watcher(runtime, cam, out, interval_s=0.01, progress=lambda m: None)
+    assert w.run(once=True) == 3 and len(w.done) == 3
+    (cam / "a.jpg").unlink()
+    (cam / "b.jpg").write_bytes(samples[3].read_bytes())  # the same name, a new picture
+    assert w.run(once=True) == 1
+    assert len(w.done) == 2  # b's new key and c's; a's and b's old ones are forgotten
+    assert [r["path"].rsplit("/", 1)[-1] for r in _lines(out)].count("b.jpg") == 2
+
+    again = Watcher(runtime, cam, out, interval_s=0.01, progress=lambda m: None)
+    assert len(again.done) == 2 and again.run(once=True) == 0
+    assert len(_lines(out)) == 4  # the ledger keeps every record
+
+
+def test_a_torn_line_longer_than_a_read_is_cut_at_its_start(runtime, samples, tmp_path):
+    cam, out = tmp_path / "cam", tmp_path / "results.jsonl"
+    cam.mkdir()
+    shutil.copy(samples[0], cam / "a.jpg")
+    assert Watcher(runtime, cam, out, interval_s=0.01, progress=lambda m: None).run(once=True) == 1
+    whole = out.read_bytes()
+    out.write_bytes(whole + b'{"key": "x' + b"y" * 200_000)  # a crash in the middle of a long line
+    w = Watcher(runtime, cam, out, interval_s=0.01, progress=lambda m: None)
+    assert out.read_bytes() == whole and len(w.done) == 1 and w.run(once=True) == 0
