@@ -389,7 +389,13 @@ def test_ctrl_c_then_rerun_resumes(tiny_bundle, tmp_path):
     out = tmp_path / "store"
     cmd = [sys.executable, "-m", "itemrt.cli", "features", str(tmp_path / "data"), "--bundle", str(tiny_bundle),
            "--out", str(out), "--threads", "1"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    # A shell's background job starts with SIGINT ignored, which Python and its children keep.
+    # With a handler here, the child starts with the default however pytest was started.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, before)
     deadline = time.monotonic() + 120
     while not ((out / LOG).is_file() and (out / LOG).stat().st_size > 0) and time.monotonic() < deadline:
         time.sleep(0.02)
