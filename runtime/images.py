@@ -9,11 +9,13 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import struct
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -26,7 +28,9 @@ from .errors import (
     UnsupportedImageError,
 )
 
-ImageInput = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
+ImageInput = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | Image.Image | np.ndarray
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,8 @@ _HIGH_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 
 
 def load_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
-    """Path, bytes, PIL image or HxWx3 uint8 array -> upright RGB PIL image (first frame)."""
+    """Path, bytes, binary file object, PIL image or HxWx3 uint8 array -> upright RGB PIL image
+    (first frame)."""
     if isinstance(source, np.ndarray):
         return _from_array(source, limits)
     if isinstance(source, Image.Image):
@@ -52,11 +57,15 @@ def load_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS) -> Imag
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     elif isinstance(source, (str, os.PathLike)):
+        if isinstance(source, str) and _URL.match(source) and not os.path.exists(source):
+            raise UnsupportedImageError(f"{source} is a URL; images are not fetched: give its path or bytes")
         data = _read_file(Path(source), limits)
+    elif callable(getattr(source, "read", None)):  # an open file, an upload, io.BytesIO
+        data = _read_stream(source, limits)
     else:
         raise UnsupportedImageError(
             f"unsupported input type {type(source).__name__}: "
-            "give a path, bytes, a PIL image or an HxWx3 uint8 array"
+            "give a path, bytes, a binary file object, a PIL image or an HxWx3 uint8 array"
         )
     return decode_bytes(data, limits)
 
@@ -112,6 +121,19 @@ def _read_file(path: Path, limits: ImageLimits) -> bytes:
     if len(data) > limits.max_bytes:
         raise ImageTooLargeError(f"{path} is over the limit of {limits.max_bytes} bytes")
     return data
+
+
+def _read_stream(f: BinaryIO, limits: ImageLimits) -> bytes:
+    """From the stream's position, at most `limits.max_bytes` (a stream may not know its size)."""
+    try:
+        data = f.read(limits.max_bytes + 1)
+    except (OSError, ValueError) as e:  # ValueError: a closed file
+        raise ImageUnreadableError(f"cannot read {type(f).__name__}: {getattr(e, 'strerror', None) or e}") from None
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise UnsupportedImageError(f"{type(f).__name__} gave {type(data).__name__}, not bytes: open it in binary mode")
+    if len(data) > limits.max_bytes:
+        raise ImageTooLargeError(f"the stream is over the limit of {limits.max_bytes} bytes")
+    return bytes(data)
 
 
 def _check_size(size: tuple[int, int], limits: ImageLimits) -> None:

@@ -115,6 +115,24 @@ def test_bad_arrays(arr):
 def test_unsupported_type():
     with pytest.raises(UnsupportedImageError):
         load_image(12345)
+    with pytest.raises(UnsupportedImageError, match="is a URL; images are not fetched"):
+        load_image("https://example.com/photo.jpg")
+
+
+def test_binary_file_objects(tmp_path):
+    jpg = _encode(_photo(), "JPEG")
+    assert np.array_equal(np.asarray(load_image(io.BytesIO(jpg))), np.asarray(load_image(jpg)))
+    (tmp_path / "a.jpg").write_bytes(jpg)
+    with open(tmp_path / "a.jpg", "rb") as f:
+        assert load_image(f).size == _photo().size
+    with pytest.raises(ImageTooLargeError, match="stream is over the limit"):
+        load_image(io.BytesIO(jpg), ImageLimits(max_bytes=100))
+    with open(tmp_path / "a.jpg", encoding="latin-1") as f, pytest.raises(UnsupportedImageError, match="binary mode"):
+        load_image(f)
+    with open(tmp_path / "a.jpg", "rb") as f:
+        f.close()
+        with pytest.raises(ImageUnreadableError, match="closed file"):
+            load_image(f)
 
 
 @pytest.mark.parametrize("mode", ["CMYK", "L", "LA", "RGBA", "P", "1"])
