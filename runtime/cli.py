@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-uploads", type=COUNT, default=32,
                    help="request bodies received at once (bounds their memory); beyond: 429")
     s.add_argument("--upload-timeout-s", type=SECONDS, default=30.0, help="to receive one body; beyond: 408")
+    s.add_argument("--header-timeout-s", type=SECONDS, default=20.0,
+                   help="to receive a request's line and headers; beyond: 408 and the connection closed")
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=_serve)
 
@@ -382,7 +384,8 @@ def _serve(args) -> int:
         bundle=args.bundle, precision=args.precision, backend=args.backend, threads=args.threads, max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms, max_in_flight=args.max_in_flight, timeout_s=args.timeout_s,
         max_upload_bytes=int(args.max_upload_mb * 2**20), max_uploads=args.max_uploads,
-        upload_timeout_s=args.upload_timeout_s, token=read_token(args.token_file),
+        upload_timeout_s=args.upload_timeout_s, header_timeout_s=args.header_timeout_s,
+        token=read_token(args.token_file),
     )
     serve(cfg, args.host, args.port, args.log_level)
     return 0

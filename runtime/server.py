@@ -42,6 +42,7 @@ class ServeConfig:
     max_upload_bytes: int = 20 << 20  # per request body; beyond: 413
     max_uploads: int = 32  # request bodies being received at once; beyond: 429 (bounds their memory)
     upload_timeout_s: float = 30.0  # to receive one body; beyond: 408 (a trickling client holds no slot)
+    header_timeout_s: float = 20.0  # to receive a request's line and headers; beyond: 408, connection closed
     max_batch_images: int = 16  # files in one /v1/detect/batch request
     token: str | None = None  # bearer token for everything but /healthz and /readyz
     retry_after_s: int = 1
@@ -304,7 +305,9 @@ def create_app(cfg: ServeConfig):
         Route("/metrics", metrics_endpoint),
         Route("/v1/info", info),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.metrics = metrics  # for the protocol's header deadline (serve)
+    return app
 
 
 def require() -> None:
@@ -326,8 +329,65 @@ def read_token(token_file: str | None, env: str = "ITEM_SERVE_TOKEN") -> str | N
     return os.environ.get(env) or None
 
 
+def header_deadline_protocol(timeout_s: float, on_timeout):
+    """uvicorn's h11 protocol with a deadline for each request's line and headers.
+
+    uvicorn has none: a client that connects and sends nothing, or trickles its headers a byte
+    at a time, keeps its connection (a file descriptor) for ever, and enough of them leave the
+    server unable to accept anyone. The deadline is armed when a connection opens and after each
+    response (the next request on a kept-alive connection), and it fires only if no request
+    has begun since and none is running, so a request being answered is never cut. A kept-alive
+    connection that stays silent is left to uvicorn's keep-alive timeout, which closes it quietly."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    body = json.dumps({"error": "header_timeout",
+                       "message": f"request line and headers not received within {timeout_s:g} s"}).encode()
+    answer = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+              b"content-length: %d\r\n\r\n" % len(body)) + body
+
+    class HeaderDeadline(H11Protocol):
+        _deadline = None
+        _heard = False  # bytes since the deadline was armed
+
+        def data_received(self, data: bytes) -> None:
+            self._heard = True
+            super().data_received(data)
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._heard = False
+            if not self.transport.is_closing():
+                self._deadline = self.loop.call_later(timeout_s, self._expire, self.cycle)
+
+        def _expire(self, cycle) -> None:
+            if self.cycle is not cycle or self.transport.is_closing():
+                return  # a request began since
+            if cycle is None or (cycle.response_complete and self._heard):
+                on_timeout()
+                self.transport.write(answer)  # h11 cannot answer a request it has not parsed
+                self.transport.close()
+
+    return HeaderDeadline
+
+
 def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> None:
     import uvicorn
 
-    uvicorn.run(create_app(cfg), host=host, port=port, log_level=log_level,
+    app = create_app(cfg)
+    protocol = header_deadline_protocol(cfg.header_timeout_s, app.state.metrics.errors.labels("header_timeout").inc)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, http=protocol,
                 timeout_graceful_shutdown=int(cfg.timeout_s) + 5)

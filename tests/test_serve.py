@@ -204,6 +204,48 @@ def test_a_trickling_upload_holds_its_slot_only_until_the_upload_timeout(tiny_bu
         proc.wait(timeout=60)
 
 
+def _read_to_close(sock: socket.socket) -> tuple[str, float]:
+    """What the server sent before closing, and when it closed."""
+    answer = b""
+    while chunk := sock.recv(4096):
+        answer += chunk
+    sock.close()
+    return answer.decode(errors="replace"), time.monotonic()
+
+
+def test_a_request_head_that_never_completes_is_cut_at_the_header_timeout(tiny_bundle, samples):
+    """Connections that send nothing, or trickle their headers (first request or a later one on
+    a kept-alive connection), are answered 408 and closed; a body that is still arriving is the
+    upload timeout's business, so a request in progress is never cut by this one."""
+    port = free_port()
+    proc = start_server(str(tiny_bundle), port, "--header-timeout-s", "1", "--upload-timeout-s", "4")
+    jpg = samples[0].read_bytes()
+    try:
+        t0 = time.monotonic()
+        silent = socket.create_connection(("127.0.0.1", port), timeout=30)
+        partial = socket.create_connection(("127.0.0.1", port), timeout=30)
+        partial.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # no blank line: the head never ends
+        kept = socket.create_connection(("127.0.0.1", port), timeout=30)
+        kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert kept.recv(4096).startswith(b"HTTP/1.1 200")
+        kept.sendall(b"GET /healthz HTTP/1.1\r\n")  # the second request on it stalls
+        body = socket.create_connection(("127.0.0.1", port), timeout=30)
+        body.sendall(b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(jpg) + jpg[:100])
+        for sock in (silent, partial, kept):
+            answer, t = _read_to_close(sock)
+            assert answer[answer.index("HTTP/1.1 408"):].endswith('"error": "header_timeout", "message": '
+                                                                  '"request line and headers not received within 1 s"}')
+            assert t - t0 < 4
+        answer, t = _read_to_close(body)
+        assert '"error":"upload_timeout"' in answer and t - t0 >= 3.5  # the head was whole: not cut at 1 s
+        assert _metric(port, 'itemrt_errors_total{kind="header_timeout"}') == 3
+        assert _post(port, jpg)[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
 def test_sigterm_under_load_loses_no_accepted_request(tiny_bundle, samples):
     port = free_port()
     proc = start_server(str(tiny_bundle), port, "--max-in-flight", "256")
