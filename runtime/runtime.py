@@ -75,7 +75,8 @@ def open_session(path: Path, name: str, precision: str, options: SessionOptions 
 
 
 class Runtime:
-    """Load a bundle once; detect on paths, bytes, PIL images or HxWx3 uint8 arrays.
+    """Load a bundle once; detect on paths, bytes, binary file objects, PIL images or HxWx3
+    uint8 arrays.
 
     `backend`: "onnxruntime" (CPU), "ort-cuda" / "ort-tensorrt" (ONNX Runtime's CUDA and
     TensorRT execution providers; the latter caches its engines in the bundle), or "tensorrt"
