@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=export_cli.run)
 
     d = sub.add_parser("detect", help="p(fake), caption and object words for images")
-    d.add_argument("paths", nargs="+", type=Path, help="image files, or folders (the images directly in them)")
+    d.add_argument("paths", nargs="+", type=Path,
+                   help="image files, folders (the images directly in them), or - for an image on stdin")
     d.add_argument("--bundle", "-b", default=os.environ.get("ITEM_BUNDLE"), help="bundle folder (or $ITEM_BUNDLE)")
     d.add_argument("--json", action="store_true", help="one JSON object per line")
     d.add_argument("--explain", type=Path, default=None,
@@ -179,7 +180,7 @@ def _detect(args) -> int:
     if args.explain and (many or args.explain.suffix.lower() != ".png"):
         args.explain.mkdir(parents=True, exist_ok=True)
     failures, written = 0, set()
-    step = max(1, args.batch_size)
+    step = args.batch_size
     with Runtime(args.bundle, threads=args.threads, precision=args.precision, backend=args.backend,
                  max_batch=step) as rt:  # a batch is one pass
         for start in range(0, len(paths), step):
@@ -213,6 +214,8 @@ def _load_for_detect(path: Path, limits):
     from .images import load_image
 
     try:
+        if str(path) == "-":
+            return path, load_image(sys.stdin.buffer, limits)
         if path.is_dir():  # a folder with no images in it
             raise UnsupportedImageError(f"{path} is a folder with no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         return path, load_image(path, limits)

@@ -13,7 +13,8 @@ from PIL import Image
 
 
 def _item(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "itemrt.cli", *map(str, args)], capture_output=True, text=True, check=False, **kw)
+    return subprocess.run([sys.executable, "-m", "itemrt.cli", *map(str, args)], capture_output=True, check=False,
+                          **{"text": True, **kw})
 
 
 def test_detect_json_and_explain(tiny_bundle, samples, tmp_path):
@@ -54,6 +55,17 @@ def test_bad_image_reported_and_others_still_run(tiny_bundle, samples, tmp_path)
     for a, b in zip(one, three):
         assert a.get("caption_tokens") == b.get("caption_tokens") and a.get("label") == b.get("label")
         assert abs(a.get("p_fake", 0) - b.get("p_fake", 0)) < 1e-4
+
+
+def test_detect_reads_an_image_from_stdin(tiny_bundle, samples):
+    r = _item("detect", "-", "--bundle", tiny_bundle, "--json", input=samples[0].read_bytes(), text=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    piped = json.loads(r.stdout)
+    direct = json.loads(_item("detect", samples[0], "--bundle", tiny_bundle, "--json").stdout)
+    assert piped["path"] == "-" and piped["caption_tokens"] == direct["caption_tokens"]
+    assert abs(piped["p_fake"] - direct["p_fake"]) < 1e-6
+    r = _item("detect", "-", "--bundle", tiny_bundle, input="not an image")
+    assert r.returncode == 1 and "-: error (unsupported_image)" in r.stderr
 
 
 def test_info(tiny_bundle):

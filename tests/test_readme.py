@@ -17,16 +17,16 @@ PARSERS = {"item": item_parser, "item-bench": bench_parser}
 
 
 def readme_commands() -> list[str]:
-    """`item ...` / `item-bench ...` lines of the bash blocks (continuations joined, comments
-    cut), and inline `item ...` spans in the prose that carry arguments (not bare names)."""
+    """`item ...` / `item-bench ...` commands of the bash blocks (continuations joined, comments
+    cut, pipelines and `&&` chains split), and inline `item ...` spans in the prose that carry arguments (not bare names)."""
     text = README.read_text()
     out = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL):
         for line in block.replace("\\\n", " ").splitlines():
-            line = line.split(" #", 1)[0].strip()
-            line = re.sub(r"^(\S*/)?(?=item(-bench)?\s)", "", line)  # .venv/bin/item -> item
-            if re.match(r"item(-bench)?\s", line):
-                out.append(" ".join(line.split()))
+            for part in re.split(r"\s(?:\||&&)\s", line.split(" #", 1)[0]):  # `curl ... | item detect -`
+                part = re.sub(r"^(\S*/)?(?=item(-bench)?(\s|$))", "", part.strip())  # .venv/bin/item -> item
+                if re.match(r"item(-bench)?(\s|$)", part):
+                    out.append(" ".join(part.split()))
     for span in re.findall(r"`(item(?:-bench)? [^`]+)`", text):
         words = span.split()
         if len(words) >= 3 and not (words[0] == "item" and "/" in words[1]):  # not `item features/train/...`
