@@ -268,7 +268,7 @@ def _features(args) -> int:
         return 2
     samples = load_dataset(args.dataset, tuple(args.split_ratios))
     with Runtime(args.bundle, threads=args.threads, precision=args.precision, backend=args.backend,
-                 max_batch=max(1, args.batch_size)) as rt:  # a batch is one pass
+                 max_batch=args.batch_size) as rt:  # a batch is one pass
         try:
             s = extract(rt, samples, args.out, perturbation=args.perturb or "", batch_size=args.batch_size,
                         dataset=str(args.dataset.resolve()), progress=_stderr)
@@ -332,7 +332,7 @@ def _info(args) -> int:
         worst = [x for x in c["parity"].values() if isinstance(x, dict)]
         cos = min(x["cos_min"] for x in worst)
         rel = max(x["rel"] for x in worst)
-        ins = ", ".join(f"{i['name']}{i['shape']}" for i in c["inputs"])
+        ins = ", ".join(_grouped_inputs(c["inputs"]))
         print(f"  {name:<20} {c['precision']}  cos {cos:.6f}  rel {rel:.1e}  {c['file']}  in: {ins}")
         for prec, v in c.get("variants", {}).items():
             state = "used" if v["used"] else f"not used: {v.get('reason', '')}"
@@ -364,6 +364,21 @@ def _print_chain_check(check: dict | None) -> None:
         print(f"head check {label} chain with this head: decisions equal {c['decisions_equal']}, "
               f"|dp| max {c['p_fake_abs_diff_max']:.1e} at threshold {c['threshold']:.6g}"
               + ("" if c["passed"] else "  FAILED"))
+
+
+def _grouped_inputs(inputs: list[dict]) -> list[str]:
+    """NAME[shape] per input; a run of NAME.0, NAME.1, ... of one shape (the decoder's 24
+    per-layer K/V inputs) as NAME.0-11[shape]."""
+    runs = []  # [name or stem, first index, last index, shape]; index None: not numbered
+    for i in inputs:
+        stem, _, index = i["name"].rpartition(".")
+        n = int(index) if stem and index.isdigit() else None
+        last = runs[-1] if runs else None
+        if n is not None and last and last[0] == stem and last[2] == n - 1 and last[3] == i["shape"]:
+            last[2] = n
+        else:
+            runs.append([stem, n, n, i["shape"]] if n is not None else [i["name"], None, None, i["shape"]])
+    return [f"{name}{'' if a is None else f'.{a}' if a == b else f'.{a}-{b}'}{shape}" for name, a, b, shape in runs]
 
 
 def _print_chain(label: str, chain: dict, note: str = "") -> None:

@@ -322,6 +322,8 @@ def extract(
     progress: Callable[[str], None] | None = None,
 ) -> ExtractSummary:
     """Run the chain on every sample not yet in the store at `out`; resumable."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     m = runtime.bundle.manifest
     meta = {
         "bundle": runtime.bundle.name, "fingerprint": runtime.bundle.feature_fingerprint,
@@ -335,9 +337,8 @@ def extract(
             progress(f"features: {skipped} of {len(samples)} images already done or listed bad in {store.root}")
         bar = Progress("features", len(todo), progress)
         k, dim, bad = runtime.max_objects, meta["dim"], 0
-        step = max(1, batch_size)
-        for start in range(0, len(todo), step):
-            chunk = todo[start : start + step]
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
             batch, images = [], []
             for s in chunk:
                 try:

@@ -107,8 +107,9 @@ def create_app(cfg: ServeConfig):
 
     @asynccontextmanager
     async def lifespan(app):
+        # a batch is one pass; a /v1/detect/batch request of more images runs in passes of it
         rt = await run_in_threadpool(Runtime, cfg.bundle, precision=cfg.precision, backend=cfg.backend,
-                                      threads=cfg.threads)
+                                      threads=cfg.threads, max_batch=cfg.max_batch)
         from .cli import SAMPLES
 
         samples = sorted(SAMPLES.glob("*.jpg"))[:1]

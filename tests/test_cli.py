@@ -78,6 +78,8 @@ def test_info(tiny_bundle):
         assert text in r.stdout
     m = json.loads(_item("info", "--json", tiny_bundle).stdout)
     assert m["format"] == "itemrt-bundle"
+    layers = sum(i["name"].startswith("cross_k.") for i in m["components"]["captioner_decoder"]["inputs"])
+    assert layers > 1 and f"cross_k.0-{layers - 1}[" in r.stdout  # per-layer inputs shown as one run
 
 
 def test_missing_bundle_is_a_clear_error(tmp_path, samples):

@@ -289,3 +289,18 @@ def test_too_many_images_in_a_batch(server):
     body, h = _multipart([("images", b"x")] * 17)
     status, r = _post(server, body, h["content-type"], "/v1/detect/batch")
     assert status == 413 and r["error"] == "too_many_images"
+
+
+def test_a_batch_request_runs_in_passes_of_max_batch(tiny_bundle, samples):
+    """--max-batch bounds the images per pass through the chain, also for one request of more."""
+    port = free_port()
+    proc = start_server(str(tiny_bundle), port, "--max-batch", "2")
+    try:
+        body, h = _multipart([("images", p.read_bytes()) for p in samples[:3]])
+        status, r = _post(port, body, h["content-type"], "/v1/detect/batch")
+        assert status == 200 and len(r["results"]) == 3
+        timings = [x["timings_ms"] for x in r["results"]]
+        assert timings[0] == timings[1] != timings[2]  # one timing per pass, shared by its images
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
