@@ -111,3 +111,12 @@ class FeatureStoreError(ItemError):
     """A feature store is unreadable, or was made with another bundle (stale)."""
 
     code = "bad_features"
+
+
+# --- gateway ------------------------------------------------------------------------------
+
+
+class WatchSetupError(ItemError):
+    """`item watch` cannot start: its folder is not one, or its results file cannot be written."""
+
+    code = "watch_setup"

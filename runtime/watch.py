@@ -14,6 +14,9 @@ error: the runtime itself is broken, and its supervisor should restart it.
 Files still being written (size or mtime changed since the last look), hidden files and
 `*.part` / `*.tmp` files wait.
 
+A folder that is not one, a results file that cannot be written (checked at start) or a
+quarantine folder that takes no file raise `WatchSetupError`: every file would fail alike.
+
 Memory follows the folder, not its history: the watcher remembers only the keys of files that
 are in the folder as they were answered, so a camera that rotates or overwrites its snapshots
 can run for months. The ledger is read line by line on start, and keeps every record.
@@ -28,7 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ImageError
+from .errors import ImageError, WatchSetupError
 
 SKIP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
 MAX_TRIES = 3
@@ -71,6 +74,14 @@ class Ledger:
                     keys.add(key)
         return keys
 
+    def check(self) -> None:
+        """Fail at start, not at the first image: the results file must be appendable."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+        except OSError as e:
+            raise WatchSetupError(f"cannot write the results file {self.path}: {e.strerror or e}") from None
+
     def append(self, record: dict) -> None:
         line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -104,8 +115,9 @@ class Watcher:
                  interval_s: float = 1.0, progress=print):
         self.rt, self.folder = runtime, Path(folder)
         if not self.folder.is_dir():
-            raise NotADirectoryError(f"{self.folder} is not a folder")
+            raise WatchSetupError(f"{self.folder} is not a folder")
         self.ledger = Ledger(Path(out))
+        self.ledger.check()
         self.quarantine = Path(quarantine) if quarantine else self.folder / "quarantine"
         self.interval_s, self.progress = interval_s, progress
         present = {file_key(name, st) for name, st in self._files()}
@@ -182,13 +194,16 @@ class Watcher:
     def _quarantine(self, path: Path, key: str, t: float, code: str, message: str) -> dict | None:
         """Move the file aside under a name no earlier one has (cameras reuse names), with a
         `.reason` file; its ledger record, or None when the file went away first."""
-        self.quarantine.mkdir(parents=True, exist_ok=True)
-        target = free_name(self.quarantine, path.stem, path.suffix, Path.exists)
         try:
+            self.quarantine.mkdir(parents=True, exist_ok=True)
+            target = free_name(self.quarantine, path.stem, path.suffix, Path.exists)
             shutil.move(str(path), target)
-        except FileNotFoundError:
-            self.progress(f"{path.name}: gone before it was read; skipped")
-            return None
+        except OSError as e:
+            if not path.exists():  # the camera took it away first
+                self.progress(f"{path.name}: gone before it was read; skipped")
+                return None
+            # the quarantine folder, not the file: every bad file would fail the same way
+            raise WatchSetupError(f"cannot move {path.name} into {self.quarantine}: {e.strerror or e}") from None
         target.with_name(target.name + ".reason").write_text(f"{code}: {message}\n")
         return {"key": key, "path": str(path), "time": t, "error": code, "message": message, "quarantined": str(target)}
 

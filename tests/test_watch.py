@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from itemrt.errors import WatchSetupError
 from itemrt.watch import Watcher
 
 
@@ -79,7 +80,7 @@ def test_vanished_files_are_skipped_and_reused_names_kept_apart(runtime, tmp_pat
     (cam / "gone.jpg").write_bytes(b"x")
     assert w.scan() == 0 and w.scan() == 0  # the second look finds it ready; it goes away
     assert any("gone before it was read" in m for m in said)
-    assert not out.exists() and not (cam / "quarantine").exists()
+    assert out.read_text() == "" and not (cam / "quarantine").exists()  # nothing recorded
     assert w.process(cam / "never-there.jpg") is None  # removed between the look and the read
 
     w = Watcher(runtime, cam, out, interval_s=0.01, progress=said.append)
@@ -130,7 +131,7 @@ def test_a_broken_runtime_stops_the_watcher_and_moves_nothing(runtime, samples, 
     w = Watcher(_FailsOn(runtime, set(names)), cam, out, interval_s=0.01, progress=lambda m: None)
     with pytest.raises(RuntimeError, match="fell over"):
         w.run(once=True)
-    assert not out.exists() and sorted(p.name for p in cam.iterdir()) == names  # nothing recorded or moved
+    assert out.read_text() == "" and sorted(p.name for p in cam.iterdir()) == names  # nothing recorded or moved
 
 
 def test_memory_follows_the_folder_not_its_history(runtime, samples, tmp_path):
@@ -162,3 +163,19 @@ def test_a_torn_line_longer_than_a_read_is_cut_at_its_start(runtime, samples, tm
     out.write_bytes(whole + b'{"key": "x' + b"y" * 200_000)  # a crash in the middle of a long line
     w = Watcher(runtime, cam, out, interval_s=0.01, progress=lambda m: None)
     assert out.read_bytes() == whole and len(w.done) == 1 and w.run(once=True) == 0
+
+
+def test_an_unusable_folder_results_file_or_quarantine_is_a_setup_error(runtime, tmp_path):
+    cam = tmp_path / "cam"
+    cam.mkdir()
+    with pytest.raises(WatchSetupError, match="is not a folder"):
+        Watcher(runtime, tmp_path / "no-such-camera", tmp_path / "r.jsonl")
+    with pytest.raises(WatchSetupError, match="cannot write the results file"):  # at start, not at the first image
+        Watcher(runtime, cam, tmp_path)
+    out = tmp_path / "new" / "r.jsonl"  # a missing parent folder is made
+    (tmp_path / "blocker").write_text("a file where the quarantine folder should be")
+    w = Watcher(runtime, cam, out, quarantine=tmp_path / "blocker", interval_s=0.01, progress=lambda m: None)
+    (cam / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(WatchSetupError, match="cannot move bad.jpg into"):
+        w.run(once=True)
+    assert (cam / "bad.jpg").read_bytes() == b"not an image" and out.read_text() == ""  # nothing lost or recorded
