@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from itemrt.backend import OrtSession, SessionOptions
 from itemrt.bundle import Bundle
-from itemrt.errors import DatasetError
+from itemrt.errors import DatasetError, PathError
 from itemrt.features import Features, extract, read_features
 from itemrt.perturb import parse as parse_perturbation
 
@@ -64,14 +64,17 @@ def evaluate(
 ) -> dict:
     for spec in robustness:
         parse_perturbation(spec)  # fail before any work
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PathError(f"cannot make the report folder {out}: {e.strerror or e}") from None
     bundle = Bundle.open(bundle_dir)
     f = read_features(features_dir, bundle.feature_fingerprint)
     rows = _split_rows(f, split)
     threshold = float(bundle.manifest["head"]["threshold"])
     y, gens = f.columns["label"][rows], f.columns["generator"][rows]
     p = head_p_fake(bundle, f, rows)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     report = {
         "bundle": bundle.name,
         "trained": bundle.trained,

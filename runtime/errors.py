@@ -113,10 +113,11 @@ class FeatureStoreError(ItemError):
     code = "bad_features"
 
 
-# --- gateway ------------------------------------------------------------------------------
+# --- paths given to commands ---------------------------------------------------------------
 
 
-class WatchSetupError(ItemError):
-    """`item watch` cannot start: its folder is not one, or its results file cannot be written."""
+class PathError(ItemError):
+    """A path given to a command cannot serve: a watched folder that is not one, or a results
+    file, report folder or quarantine folder that cannot be written."""
 
-    code = "watch_setup"
+    code = "bad_path"

@@ -150,8 +150,11 @@ class FeatureStore:
     def __init__(self, root: str | Path, meta: dict, shard_size: int = 512):
         self.root = Path(root)
         self.shard_size = shard_size
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.root / ".lock", "w")  # noqa: SIM115 - held (and flocked) while the store is open
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock = open(self.root / ".lock", "w")  # noqa: SIM115 - held (and flocked) while the store is open
+        except OSError as e:  # a file where the folder should be, no permission, no such parent
+            raise FeatureStoreError(f"cannot make or open the feature store {self.root}: {e.strerror or e}") from None
         try:
             import fcntl
 
@@ -238,8 +241,10 @@ class FeatureStore:
 def read_meta(root: Path) -> dict:
     try:
         meta = json.loads((root / META).read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise FeatureStoreError(f"no feature store at {root} ({META} missing); make one with `item features`") from None
+    except OSError as e:
+        raise FeatureStoreError(f"cannot read {root / META}: {e.strerror or e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FeatureStoreError(f"{root / META} is not valid JSON ({e})") from None
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:

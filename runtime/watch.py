@@ -15,7 +15,7 @@ Files still being written (size or mtime changed since the last look), hidden fi
 `*.part` / `*.tmp` files wait.
 
 A folder that is not one, a results file that cannot be written (checked at start) or a
-quarantine folder that takes no file raise `WatchSetupError`: every file would fail alike.
+quarantine folder that takes no file raise `PathError`: every file would fail alike.
 
 Memory follows the folder, not its history: the watcher remembers only the keys of files that
 are in the folder as they were answered, so a camera that rotates or overwrites its snapshots
@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ImageError, WatchSetupError
+from .errors import ImageError, PathError
 
 SKIP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
 MAX_TRIES = 3
@@ -80,7 +80,7 @@ class Ledger:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
         except OSError as e:
-            raise WatchSetupError(f"cannot write the results file {self.path}: {e.strerror or e}") from None
+            raise PathError(f"cannot write the results file {self.path}: {e.strerror or e}") from None
 
     def append(self, record: dict) -> None:
         line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
@@ -115,7 +115,7 @@ class Watcher:
                  interval_s: float = 1.0, progress=print):
         self.rt, self.folder = runtime, Path(folder)
         if not self.folder.is_dir():
-            raise WatchSetupError(f"{self.folder} is not a folder")
+            raise PathError(f"{self.folder} is not a folder")
         self.ledger = Ledger(Path(out))
         self.ledger.check()
         self.quarantine = Path(quarantine) if quarantine else self.folder / "quarantine"
@@ -203,7 +203,7 @@ class Watcher:
                 self.progress(f"{path.name}: gone before it was read; skipped")
                 return None
             # the quarantine folder, not the file: every bad file would fail the same way
-            raise WatchSetupError(f"cannot move {path.name} into {self.quarantine}: {e.strerror or e}") from None
+            raise PathError(f"cannot move {path.name} into {self.quarantine}: {e.strerror or e}") from None
         target.with_name(target.name + ".reason").write_text(f"{code}: {message}\n")
         return {"key": key, "path": str(path), "time": t, "error": code, "message": message, "quarantined": str(target)}
 

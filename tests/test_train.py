@@ -410,3 +410,17 @@ def test_ctrl_c_then_rerun_resumes(tiny_bundle, tmp_path):
     assert f"{300 - done} images extracted, {done} already done" in r.stderr
     keys = read_features(out).columns["key"].tolist()
     assert len(keys) == len(set(keys)) == 300
+
+
+def test_output_paths_that_cannot_be_written_are_typed_errors_before_any_work(tiny_bundle, tmp_path):
+    from itemrt.errors import PathError
+    from itemrt.export.evaluate import evaluate
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    with pytest.raises(PathError, match="cannot make the report folder"):  # checked before features are read
+        evaluate(tmp_path / "no-features", tiny_bundle, blocker, robustness=["jpeg=75"])
+    with pytest.raises(FeatureStoreError, match="cannot make or open the feature store"):
+        FeatureStore(blocker, {})
+    with pytest.raises(FeatureStoreError, match="no feature store"):
+        read_features(blocker)  # a file, not a store

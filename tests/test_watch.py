@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from itemrt.errors import WatchSetupError
+from itemrt.errors import PathError
 from itemrt.watch import Watcher
 
 
@@ -168,14 +168,14 @@ def test_a_torn_line_longer_than_a_read_is_cut_at_its_start(runtime, samples, tm
 def test_an_unusable_folder_results_file_or_quarantine_is_a_setup_error(runtime, tmp_path):
     cam = tmp_path / "cam"
     cam.mkdir()
-    with pytest.raises(WatchSetupError, match="is not a folder"):
+    with pytest.raises(PathError, match="is not a folder"):
         Watcher(runtime, tmp_path / "no-such-camera", tmp_path / "r.jsonl")
-    with pytest.raises(WatchSetupError, match="cannot write the results file"):  # at start, not at the first image
+    with pytest.raises(PathError, match="cannot write the results file"):  # at start, not at the first image
         Watcher(runtime, cam, tmp_path)
     out = tmp_path / "new" / "r.jsonl"  # a missing parent folder is made
     (tmp_path / "blocker").write_text("a file where the quarantine folder should be")
     w = Watcher(runtime, cam, out, quarantine=tmp_path / "blocker", interval_s=0.01, progress=lambda m: None)
     (cam / "bad.jpg").write_bytes(b"not an image")
-    with pytest.raises(WatchSetupError, match="cannot move bad.jpg into"):
+    with pytest.raises(PathError, match="cannot move bad.jpg into"):
         w.run(once=True)
     assert (cam / "bad.jpg").read_bytes() == b"not an image" and out.read_text() == ""  # nothing lost or recorded
