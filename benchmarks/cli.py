@@ -198,20 +198,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_paths(p: argparse.ArgumentParser, args) -> dict | None:
+    """Before the run: the --compare report read, the output folders made and writable.
+    Returns the --compare report."""
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown)):
+        if path is None:
+            continue
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            p.error(f"{flag}: cannot make the folder {path.parent}: {e.strerror or e}")
+        if path.is_dir() or not os.access(path.parent, os.W_OK):
+            p.error(f"{flag}: cannot write {path}")
+    if args.charts is not None:
+        try:
+            args.charts.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            p.error(f"--charts: cannot make the folder {args.charts}: {e.strerror or e}")
+    if args.compare is None:
+        return None
+    try:
+        return json.loads(args.compare.read_text())
+    except (OSError, ValueError) as e:
+        p.error(f"--compare: cannot read a report from {args.compare}: {e}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
+    old = _check_paths(p, args)  # a long run must not end in a path error
     if args.images is None:
         from itemrt.cli import SAMPLES
 
         args.images = sorted(SAMPLES.glob("*.jpg"))
     rep = run(args)
     print(table(rep))
-    if args.compare:
-        print("\n" + compare(json.loads(args.compare.read_text()), rep))
+    if old is not None:
+        print("\n" + compare(old, rep))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rep, indent=1) + "\n")
     if args.markdown:
         args.markdown.write_text(markdown(rep))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
 import shutil
 import sys
@@ -29,7 +30,7 @@ from itemrt.bundle import (
     write_manifest,
 )
 from itemrt.captioner import cross_inputs
-from itemrt.errors import ItemError
+from itemrt.errors import ItemError, PathError
 from itemrt.images import load_image
 from itemrt.openvino import require_bf16
 from itemrt.preprocess import preprocess
@@ -111,6 +112,7 @@ def export_bundle(
 ) -> Path:
     out = Path(out)
     t_start = time.perf_counter()
+    _check_out(out)  # before the long work, not at its end
     if "bf16" in precisions:  # its gate runs here, on this CPU: say so before the long export
         require_bf16()
     if random_init:
@@ -125,7 +127,6 @@ def export_bundle(
     if len(images) < 2:
         raise ValueError("parity needs at least two images")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         manifest = _write_bundle(
@@ -168,6 +169,24 @@ def export_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
     progress(f"bundle written to {out} in {time.perf_counter() - t_start:.1f}s")
     return out
+
+
+def _check_out(out: Path) -> None:
+    """The bundle is written beside `out` and renamed into place at the end, replacing only an
+    earlier bundle (or an empty folder): never a file or a folder of something else."""
+    if out.exists():
+        try:
+            earlier = json.loads((out / MANIFEST).read_text()).get("format") == FORMAT
+        except (OSError, ValueError, AttributeError):
+            earlier = False
+        if not (earlier or (out.is_dir() and not any(out.iterdir()))):
+            raise PathError(f"{out} exists and is not a bundle: give another --out, or move it away")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PathError(f"cannot make the folder {out.parent}: {e.strerror or e}") from None
+    if not os.access(out.parent, os.W_OK):
+        raise PathError(f"cannot write in {out.parent}")
 
 
 def _save_manifest(root: Path, manifest: dict) -> None:

@@ -148,3 +148,17 @@ def test_gpu_time_is_reported_apart_from_wall_time():
     assert b["stages_ms"]["captioner"]["p50"] == 10.5 and b["gpu_stages_ms"]["captioner"]["p50"] == 8.5
     assert b["gpu_stages_ms"]["clip"]["p50"] == 3.25 and b["gpu"] == "NVIDIA H100"
     assert "gpu_stages_ms" not in backend_report({**raw, "gpu_runs": []}, {}, "fp32")
+
+
+@pytest.mark.parametrize("flag,value,says", [
+    ("--compare", "missing.json", "--compare: cannot read a report"),
+    ("--json", "a-file/report.json", "--json: cannot make the folder"),
+    ("--charts", "a-file", "--charts: cannot make the folder"),
+])
+def test_bad_output_paths_fail_before_the_run(tiny_bundle, tmp_path, capsys, flag, value, says):
+    from itemrt.bench.cli import main
+
+    (tmp_path / "a-file").write_text("in the way")
+    with pytest.raises(SystemExit) as e:
+        main([str(tiny_bundle), "--backends", "ort-fp32", flag, str(tmp_path / value)])
+    assert e.value.code == 2 and says in capsys.readouterr().err

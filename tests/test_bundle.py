@@ -169,3 +169,19 @@ def test_int8_asked_of_a_bundle_without_it(copy):
     with pytest.raises(BundleVersionError, match="no int8 graphs.*item export"):
         Runtime(copy, precision="int8")
     assert set(Runtime(copy).precisions.values()) == {"fp32"}
+
+
+def test_export_refuses_an_out_that_is_not_a_bundle_before_any_work(tmp_path):
+    """The new bundle replaces only an earlier one: a file or someone's folder at --out is
+    refused at once, and left as it was."""
+    from itemrt.errors import PathError
+    from itemrt.export.pipeline import export_bundle
+
+    (tmp_path / "a-file").write_text("notes")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "keep.jpg").write_bytes(b"precious")
+    for out in (tmp_path / "a-file", tmp_path / "photos"):
+        with pytest.raises(PathError, match="exists and is not a bundle"):
+            export_bundle(out, random_init="tiny", progress=lambda m: None)
+    assert (tmp_path / "a-file").read_text() == "notes"
+    assert (tmp_path / "photos" / "keep.jpg").read_bytes() == b"precious"

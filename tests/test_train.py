@@ -424,3 +424,25 @@ def test_output_paths_that_cannot_be_written_are_typed_errors_before_any_work(ti
         FeatureStore(blocker, {})
     with pytest.raises(FeatureStoreError, match="no feature store"):
         read_features(blocker)  # a file, not a store
+
+
+def test_ctrl_c_waits_until_a_record_is_whole():
+    """Ctrl-C landing inside numpy's zip writer used to surface as its ValueError and a
+    traceback: records are written with SIGINT/SIGTERM held, which then arrive as usual."""
+    import os
+    import signal
+    import time
+
+    from itemrt.features import _signals_held
+
+    got = []
+    before = signal.signal(signal.SIGINT, lambda *a: got.append("SIGINT"))
+    try:
+        with _signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert got == []  # held while the record is written
+        time.sleep(0.05)
+        assert got == ["SIGINT"]  # then delivered
+    finally:
+        signal.signal(signal.SIGINT, before)
