@@ -16,12 +16,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import struct
-import threading
 import zlib
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +27,7 @@ import numpy as np
 from .dataset import Sample
 from .errors import FeatureStoreError, ImageError
 from .images import load_image
+from .interrupts import signals_held
 from .perturb import apply as perturb
 from .progress import Progress
 from .recipe import Pairs, recipe
@@ -70,29 +68,6 @@ def _record(s: Sample, a: Analysis, k: int, dim: int) -> dict[str, np.ndarray]:
         "global_image": p.global_image.astype(np.float32), "global_text": p.global_text.astype(np.float32),
         "local_image": local_image, "local_text": local_text,
     }
-
-
-@contextmanager
-def _signals_held():
-    """Ctrl-C and SIGTERM wait until a record is written whole, then arrive as they would have.
-    Landing inside numpy's zip writer, a KeyboardInterrupt turned into its ValueError ("Can't
-    close the ZIP file ...") and a traceback, instead of the clean interrupted exit (130).
-    Handlers, not a signal mask: the runtime's threads would take a masked signal instead."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    held = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(sig) is not None:  # None: set outside Python, cannot be put back
-            held[sig] = signal.signal(sig, lambda n, _frame: caught.append(n))
-    try:
-        yield
-    finally:
-        for sig, handler in held.items():
-            signal.signal(sig, handler)
-        if caught:
-            signal.raise_signal(caught[0])  # to the handler that was there (ignored stays ignored)
 
 
 def _pack(rec: dict[str, np.ndarray]) -> bytes:
@@ -216,7 +191,7 @@ class FeatureStore:
         return meta
 
     def append(self, rec: dict[str, np.ndarray]) -> None:
-        with _signals_held():
+        with signals_held():
             self._log.write(_pack(rec))
             self._log.flush()
             os.fsync(self._log.fileno())
@@ -237,7 +212,7 @@ class FeatureStore:
     def compact(self) -> None:
         """Pending records -> one new shard (renamed into place), then the log emptied. A crash
         between the two leaves records that are also in a shard; readers drop those."""
-        with _signals_held():
+        with signals_held():
             self._compact()
 
     def _compact(self) -> None:

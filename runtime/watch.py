@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ImageError, PathError
+from .interrupts import signals_held
 
 SKIP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
 MAX_TRIES = 3
@@ -171,7 +172,7 @@ class Watcher:
             self.progress(f"{path.name}: gone before it was read; skipped")
             return None
         except ImageError as e:
-            record = self._quarantine(path, key, t, e.code, str(e))
+            return self._set_aside(path, key, t, e.code, str(e))
         except Exception as e:  # not the image's fault: see the module's docstring
             self._failing.add(key)
             if len(self._failing) >= MAX_TRIES:
@@ -181,14 +182,23 @@ class Watcher:
             if tries < MAX_TRIES:
                 self.progress(f"{path.name}: {what}; trying again ({tries} of {MAX_TRIES})")
                 return None
-            record = self._quarantine(path, key, t, "internal_error", what)
-        else:
-            self._failing.clear()
-        if record is None:
-            return None
+            return self._set_aside(path, key, t, "internal_error", what)
+        self._failing.clear()
+        self._commit(key, record)
+        return record
+
+    def _commit(self, key: str, record: dict) -> None:
         self.ledger.append(record)
         self.done.add(key)
         self._tries.pop(key, None)
+
+    def _set_aside(self, path: Path, key: str, t: float, code: str, message: str) -> dict | None:
+        """Quarantined and recorded together: a Ctrl-C or SIGTERM waits for both, so no file
+        sits in quarantine without its reason and its ledger line."""
+        with signals_held():
+            record = self._quarantine(path, key, t, code, message)
+            if record is not None:
+                self._commit(key, record)
         return record
 
     def _quarantine(self, path: Path, key: str, t: float, code: str, message: str) -> dict | None:

@@ -433,12 +433,12 @@ def test_ctrl_c_waits_until_a_record_is_whole():
     import signal
     import time
 
-    from itemrt.features import _signals_held
+    from itemrt.interrupts import signals_held
 
     got = []
     before = signal.signal(signal.SIGINT, lambda *a: got.append("SIGINT"))
     try:
-        with _signals_held():
+        with signals_held():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
             assert got == []  # held while the record is written
