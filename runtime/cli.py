@@ -398,6 +398,9 @@ def _serve(args) -> int:
     except ImportError as e:
         print(f"item serve needs the serve extra: pip install 'itemrt[serve]' ({e})", file=sys.stderr)
         return 2
+    from .bundle import Bundle
+
+    Bundle.open(args.bundle)  # a bad bundle is a one-line error here, not a traceback from the server's startup
     cfg = ServeConfig(
         bundle=args.bundle, precision=args.precision, backend=args.backend, threads=args.threads, max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms, max_in_flight=args.max_in_flight, timeout_s=args.timeout_s,

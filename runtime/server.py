@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .batcher import Batcher, QueueFull
-from .errors import ImageError, ImageTooLargeError, ItemError
+from .errors import ImageError, ImageTooLargeError, ItemError, PathError
 from .images import DEFAULT_LIMITS, load_image
 
 STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -323,9 +323,12 @@ def require() -> None:
 def read_token(token_file: str | None, env: str = "ITEM_SERVE_TOKEN") -> str | None:
     """The bearer token from a file (first line) or the environment; None: no auth."""
     if token_file:
-        token = Path(token_file).read_text().strip()
+        try:
+            token = Path(token_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise PathError(f"cannot read the token file {token_file}: {getattr(e, 'strerror', None) or e}") from None
         if not token:
-            raise ValueError(f"token file {token_file} is empty")
+            raise PathError(f"token file {token_file} is empty")
         return token
     return os.environ.get(env) or None
 

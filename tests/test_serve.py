@@ -304,3 +304,18 @@ def test_a_batch_request_runs_in_passes_of_max_batch(tiny_bundle, samples):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_a_bad_bundle_or_token_file_is_a_one_line_error(tiny_bundle, tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "empty-token").write_text("\n")
+    for args, says in (
+        ([tmp_path / "no-bundle"], "BundleNotFoundError: no bundle at"),
+        ([tiny_bundle, "--token-file", "no-such-token"], "PathError: cannot read the token file"),
+        ([tiny_bundle, "--token-file", "empty-token"], "PathError: token file"),
+    ):
+        r = subprocess.run([sys.executable, "-m", "itemrt.cli", "serve", *map(str, args), "--port", str(free_port())],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
