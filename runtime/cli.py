@@ -19,6 +19,7 @@ from .errors import (
     BundleNotFoundError,
     ImageError,
     ItemError,
+    PathError,
     UnsupportedImageError,
 )
 from .perturb import argument as perturbation_argument
@@ -177,8 +178,8 @@ def _detect(args) -> int:
         return 2
     paths = _expand(args.paths)
     many = len(paths) > 1
-    if args.explain and (many or args.explain.suffix.lower() != ".png"):
-        args.explain.mkdir(parents=True, exist_ok=True)
+    if args.explain:
+        _check_explain(args.explain, folder=many or args.explain.suffix.lower() != ".png" or args.explain.is_dir())
     failures, written = 0, set()
     step = args.batch_size
     with Runtime(args.bundle, threads=args.threads, precision=args.precision, backend=args.backend,
@@ -221,6 +222,18 @@ def _load_for_detect(path: Path, limits):
         return path, load_image(path, limits)
     except ImageError as err:
         return path, err
+
+
+def _check_explain(explain: Path, folder: bool) -> None:
+    """Before any image runs: the folder for the pictures, or the picture's folder, made and
+    writable."""
+    where = explain if folder else explain.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PathError(f"--explain: cannot make the folder {where}: {e.strerror or e}") from None
+    if not os.access(where, os.W_OK):
+        raise PathError(f"--explain: cannot write {explain}")
 
 
 def _explain_target(explain: Path, path: Path, written: set[Path]) -> Path:

@@ -68,6 +68,13 @@ def test_detect_reads_an_image_from_stdin(tiny_bundle, samples):
     assert r.returncode == 1 and "-: error (unsupported_image)" in r.stderr
 
 
+def test_an_unwritable_explain_path_fails_before_any_image(tiny_bundle, samples, tmp_path):
+    (tmp_path / "a-file").write_text("in the way")
+    r = _item("detect", samples[0], samples[1], "--bundle", tiny_bundle, "--explain", tmp_path / "a-file")
+    assert r.returncode == 2 and "PathError: --explain: cannot make the folder" in r.stderr
+    assert r.stdout == ""  # no image ran
+
+
 def test_info(tiny_bundle):
     r = _item("info", tiny_bundle)
     assert r.returncode == 0, r.stderr
