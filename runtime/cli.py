@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", type=Path, required=True, help="results, one JSON line per image (also the ledger)")
     w.add_argument("--quarantine", type=Path, default=None, help="default: FOLDER/quarantine")
     w.add_argument("--interval", type=SECONDS, default=1.0, help="seconds between looks")
+    w.add_argument("--recursive", "-r", action="store_true",
+                   help="also the images in subfolders (not the quarantine folder, hidden or linked ones)")
     w.add_argument("--once", action="store_true", help="stop when nothing new is left")
     w.add_argument("--precision", choices=PRECISIONS, default=None)
     w.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help=BACKEND_HELP)
@@ -433,8 +435,8 @@ def _watch(args) -> int:
         print("item watch: give --bundle or set ITEM_BUNDLE", file=sys.stderr)
         return 2
     with Runtime(args.bundle, precision=args.precision, backend=args.backend) as rt:
-        w = Watcher(rt, args.folder, args.out, quarantine=args.quarantine, interval_s=args.interval,
-                    progress=lambda msg: print(msg, flush=True))
+        w = Watcher(rt, args.folder, args.out, quarantine=args.quarantine, recursive=args.recursive,
+                    interval_s=args.interval, progress=lambda msg: print(msg, flush=True))
         try:
             n = w.run(once=args.once)
         except KeyboardInterrupt:

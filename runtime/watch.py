@@ -11,6 +11,9 @@ An error that is not the image's (the backend, memory) is retried at the next lo
 that fails `MAX_TRIES` times is quarantined as `internal_error`, so one poison file cannot
 stall the folder, and `MAX_TRIES` different files failing in a row stop the watcher with that
 error: the runtime itself is broken, and its supervisor should restart it.
+With `recursive`, subfolders are watched too (cameras that file snapshots by date or hour):
+a file is then known by its path under the folder, quarantine keeps the subfolders, and the
+quarantine folder itself, hidden folders and linked folders are never entered.
 Files still being written (size or mtime changed since the last look), hidden files and
 `*.part` / `*.tmp` files wait.
 
@@ -113,33 +116,46 @@ def _line_start(f, end: int, chunk: int = 1 << 16) -> int:
 
 class Watcher:
     def __init__(self, runtime, folder: str | Path, out: str | Path, *, quarantine: str | Path | None = None,
-                 interval_s: float = 1.0, progress=print):
+                 recursive: bool = False, interval_s: float = 1.0, progress=print):
         self.rt, self.folder = runtime, Path(folder)
         if not self.folder.is_dir():
             raise PathError(f"{self.folder} is not a folder")
         self.ledger = Ledger(Path(out))
         self.ledger.check()
         self.quarantine = Path(quarantine) if quarantine else self.folder / "quarantine"
-        self.interval_s, self.progress = interval_s, progress
+        self._quarantine_real = os.path.realpath(self.quarantine)  # never watched, even when inside
+        self.recursive, self.interval_s, self.progress = recursive, interval_s, progress
         present = {file_key(name, st) for name, st in self._files()}
         self.done = self.ledger.load(keep=present.__contains__)
         self._seen: dict[str, tuple[int, int]] = {}  # name -> (size, mtime) at the last look
+        # A file's name is its path under the folder, "/"-separated: just the file name unless recursive.
         self._tries: dict[str, int] = {}  # key -> unexpected errors so far
         self._failing: set[str] = set()  # keys that failed unexpectedly since the last success
 
     def _files(self) -> list[tuple[str, os.stat_result]]:
-        """(name, stat) of every file in the folder that may be an image: one stat each, and
-        plain strings, because this runs over the whole folder at every look."""
-        out = []
-        with os.scandir(self.folder) as it:
-            for e in it:
-                if e.name.startswith(".") or e.name.lower().endswith(SKIP_SUFFIXES):
-                    continue
-                try:
-                    if e.is_file():  # follows links, like the reader will
-                        out.append((e.name, e.stat()))
-                except FileNotFoundError:
-                    continue
+        """(name, stat) of every file in the folder (and, when recursive, in its subfolders) that
+        may be an image: one stat each, and plain strings, because this runs at every look.
+        Hidden entries, the quarantine folder and linked folders (loops) are not entered."""
+        out, folders = [], [""]
+        while folders:
+            rel = folders.pop()
+            try:
+                it = os.scandir(os.path.join(self.folder, rel))
+            except (FileNotFoundError, NotADirectoryError):  # a subfolder removed since it was listed
+                continue
+            with it:
+                for e in it:
+                    if e.name.startswith("."):
+                        continue
+                    name = f"{rel}/{e.name}" if rel else e.name
+                    try:
+                        if e.is_dir(follow_symlinks=False):
+                            if self.recursive and os.path.realpath(e.path) != self._quarantine_real:
+                                folders.append(name)
+                        elif not e.name.lower().endswith(SKIP_SUFFIXES) and e.is_file():  # follows file links
+                            out.append((name, e.stat()))
+                    except FileNotFoundError:
+                        continue
         return out
 
     def _ready(self) -> list[Path]:
@@ -164,7 +180,7 @@ class Watcher:
         read (the camera removed or renamed it), or it is to be tried again."""
         t, key = time.time(), None
         try:
-            key = file_key(path.name, path.stat())
+            key = file_key(path.relative_to(self.folder).as_posix(), path.stat())
             r = self.rt.detect(path)
             record = {"key": key, "path": str(path), "time": t, **r.to_dict()}
         except FileNotFoundError:  # ImageNotFoundError is one too
@@ -205,8 +221,9 @@ class Watcher:
         """Move the file aside under a name no earlier one has (cameras reuse names), with a
         `.reason` file; its ledger record, or None when the file went away first."""
         try:
-            self.quarantine.mkdir(parents=True, exist_ok=True)
-            target = free_name(self.quarantine, path.stem, path.suffix, Path.exists)
+            folder = self.quarantine / path.parent.relative_to(self.folder)  # the camera's subfolders kept
+            folder.mkdir(parents=True, exist_ok=True)
+            target = free_name(folder, path.stem, path.suffix, Path.exists)
             shutil.move(str(path), target)
         except OSError as e:
             if not path.exists():  # the camera took it away first

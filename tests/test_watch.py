@@ -179,3 +179,28 @@ def test_an_unusable_folder_results_file_or_quarantine_is_a_setup_error(runtime,
     with pytest.raises(PathError, match="cannot move bad.jpg into"):
         w.run(once=True)
     assert (cam / "bad.jpg").read_bytes() == b"not an image" and out.read_text() == ""  # nothing lost or recorded
+
+
+def test_recursive_watches_subfolders_but_not_the_quarantine(runtime, samples, tmp_path):
+    """A camera that files snapshots by day: every subfolder is watched, the same name in two
+    days is two files, a bad one is quarantined under its day and never looked at again there."""
+    cam, out = tmp_path / "cam", tmp_path / "results.jsonl"
+    for day, p in (("2026-11-22", samples[0]), ("2026-11-23", samples[1])):
+        (cam / day).mkdir(parents=True)
+        shutil.copy(p, cam / day / "snap.jpg")
+    (cam / "2026-11-23" / "bad.jpg").write_bytes(b"not an image")
+    (cam / ".thumbs").mkdir()
+    shutil.copy(samples[2], cam / ".thumbs" / "hidden.jpg")
+    (cam / "linked").symlink_to(cam, target_is_directory=True)  # a loop, if it were followed
+    shutil.copy(samples[3], cam / "top.jpg")
+
+    assert Watcher(runtime, cam, out, interval_s=0.01, progress=lambda m: None).run(once=True) == 1  # not recursive
+    assert [r["key"].split("|")[0] for r in _lines(out)] == ["top.jpg"]
+
+    w = Watcher(runtime, cam, out, recursive=True, interval_s=0.01, progress=lambda m: None)
+    assert w.run(once=True) == 3  # top.jpg was done, and the same key recursive or not
+    recs = {r["key"].rsplit("|", 2)[0]: r for r in _lines(out)}
+    assert set(recs) == {"2026-11-22/snap.jpg", "2026-11-23/snap.jpg", "2026-11-23/bad.jpg", "top.jpg"}
+    assert recs["2026-11-23/bad.jpg"]["error"] and (cam / "quarantine" / "2026-11-23" / "bad.jpg").is_file()
+    again = Watcher(runtime, cam, out, recursive=True, interval_s=0.01, progress=lambda m: None)
+    assert again.run(once=True) == 0 and len(_lines(out)) == 4  # a restart repeats nothing, quarantine unwatched
