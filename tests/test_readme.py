@@ -17,11 +17,14 @@ PARSERS = {"item": item_parser, "item-bench": bench_parser}
 
 
 def readme_commands() -> list[str]:
-    """`item ...` / `item-bench ...` commands of the bash blocks (continuations joined, comments
-    cut, pipelines and `&&` chains split), and inline `item ...` spans in the prose that carry arguments (not bare names)."""
+    """`item ...` / `item-bench ...` commands of the bash blocks and of systemd units'
+    ExecStart lines (continuations joined, comments cut, pipelines and `&&` chains split), and inline `item ...` spans in the prose that carry arguments (not bare names)."""
     text = README.read_text()
     out = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL):
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.DOTALL)
+    blocks += [line.split("=", 1)[1] for block in re.findall(r"```ini\n(.*?)```", text, re.DOTALL)
+               for line in block.splitlines() if line.startswith("ExecStart=")]  # systemd units
+    for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
             for part in re.split(r"\s(?:\||&&)\s", line.split(" #", 1)[0]):  # `curl ... | item detect -`
                 part = re.sub(r"^(\S*/)?(?=item(-bench)?(\s|$))", "", part.strip())  # .venv/bin/item -> item
