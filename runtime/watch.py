@@ -18,7 +18,8 @@ Files still being written (size or mtime changed since the last look), hidden fi
 `*.part` / `*.tmp` files wait.
 
 A folder that is not one, a results file that cannot be written (checked at start) or a
-quarantine folder that takes no file raise `PathError`: every file would fail alike.
+quarantine folder that takes no file raise `PathError`: every file would fail alike. So does
+a second watcher on a results file that one is running on (`run` holds a lock on it).
 
 Memory follows the folder, not its history: the watcher remembers only the keys of files that
 are in the folder as they were answered, so a camera that rotates or overwrites its snapshots
@@ -31,6 +32,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +87,22 @@ class Ledger:
             os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
         except OSError as e:
             raise PathError(f"cannot write the results file {self.path}: {e.strerror or e}") from None
+
+    @contextmanager
+    def exclusive(self):
+        """One watcher per results file while it runs: a second would answer every file again.
+        An advisory lock on the file, gone with the process however it ends."""
+        try:
+            import fcntl
+        except ImportError:  # no fcntl (Windows): one watcher is on the caller
+            yield
+            return
+        with open(self.path, "ab") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise PathError(f"another item watch is writing to {self.path}") from None
+            yield
 
     def append(self, record: dict) -> None:
         line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
@@ -249,13 +267,14 @@ class Watcher:
     def run(self, once: bool = False) -> int:
         """Watch until interrupted; `once`: until nothing new is left (two quiet looks)."""
         total = quiet = 0
-        while True:
-            n = self.scan()
-            total += n
-            quiet = quiet + 1 if n == 0 else 0
-            if once and quiet >= 2 and not self._pending():
-                return total
-            time.sleep(self.interval_s)
+        with self.ledger.exclusive():
+            while True:
+                n = self.scan()
+                total += n
+                quiet = quiet + 1 if n == 0 else 0
+                if once and quiet >= 2 and not self._pending():
+                    return total
+                time.sleep(self.interval_s)
 
     def _pending(self) -> bool:
         return any(file_key(name, st) not in self.done for name, st in self._files())

@@ -204,3 +204,17 @@ def test_recursive_watches_subfolders_but_not_the_quarantine(runtime, samples, t
     assert recs["2026-11-23/bad.jpg"]["error"] and (cam / "quarantine" / "2026-11-23" / "bad.jpg").is_file()
     again = Watcher(runtime, cam, out, recursive=True, interval_s=0.01, progress=lambda m: None)
     assert again.run(once=True) == 0 and len(_lines(out)) == 4  # a restart repeats nothing, quarantine unwatched
+
+
+def test_a_second_watcher_on_the_same_results_file_is_refused(runtime, samples, tmp_path):
+    import fcntl
+
+    cam, out = tmp_path / "cam", tmp_path / "results.jsonl"
+    cam.mkdir()
+    shutil.copy(samples[0], cam / "a.jpg")
+    w = Watcher(runtime, cam, out, interval_s=0.01, progress=lambda m: None)
+    with open(out, "ab") as running:  # what a watcher running elsewhere holds
+        fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(PathError, match="another item watch is writing to"):
+            w.run(once=True)
+    assert out.read_text() == "" and w.run(once=True) == 1  # released: it runs
