@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 
 from itemrt.argtypes import COUNT, THREADS, integer
+from itemrt.errors import PathError
+from itemrt.paths import writable_folder
 
 from . import peak
 from .report import SCHEMA, backend_report, compare, markdown, outputs_match, table
@@ -201,20 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_paths(p: argparse.ArgumentParser, args) -> dict | None:
     """Before the run: the --compare report read, the output folders made and writable.
     Returns the --compare report."""
-    for flag, path in (("--json", args.json), ("--markdown", args.markdown)):
-        if path is None:
-            continue
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            p.error(f"{flag}: cannot make the folder {path.parent}: {e.strerror or e}")
-        if path.is_dir() or not os.access(path.parent, os.W_OK):
-            p.error(f"{flag}: cannot write {path}")
+    files = {flag: path for flag, path in (("--json", args.json), ("--markdown", args.markdown)) if path is not None}
+    folders = {flag: path.parent for flag, path in files.items()}
     if args.charts is not None:
+        folders["--charts"] = args.charts
+    for flag, folder in folders.items():
         try:
-            args.charts.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            p.error(f"--charts: cannot make the folder {args.charts}: {e.strerror or e}")
+            writable_folder(folder)
+        except PathError as e:
+            p.error(f"{flag}: {e}")
+    for flag, path in files.items():
+        if path.is_dir():
+            p.error(f"{flag}: {path} is a folder")
     if args.compare is None:
         return None
     try:

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 from itemrt.backend import OrtSession, SessionOptions
 from itemrt.bundle import Bundle
-from itemrt.errors import DatasetError, PathError
+from itemrt.errors import DatasetError
 from itemrt.features import Features, extract, read_features
+from itemrt.paths import writable_folder
 from itemrt.perturb import parse as parse_perturbation
 
 from . import metrics
@@ -64,11 +65,7 @@ def evaluate(
 ) -> dict:
     for spec in robustness:
         parse_perturbation(spec)  # fail before any work
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PathError(f"cannot make the report folder {out}: {e.strerror or e}") from None
+    out = writable_folder(Path(out_dir), "the report folder")
     bundle = Bundle.open(bundle_dir)
     f = read_features(features_dir, bundle.feature_fingerprint)
     rows = _split_rows(f, split)

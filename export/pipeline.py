@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import platform
 import shutil
 import sys
@@ -33,6 +32,7 @@ from itemrt.captioner import cross_inputs
 from itemrt.errors import ItemError, PathError
 from itemrt.images import load_image
 from itemrt.openvino import require_bf16
+from itemrt.paths import writable_folder
 from itemrt.preprocess import preprocess
 from itemrt.recipe import recipe
 from itemrt.runtime import Runtime, open_session
@@ -181,12 +181,7 @@ def _check_out(out: Path) -> None:
             earlier = False
         if not (earlier or (out.is_dir() and not any(out.iterdir()))):
             raise PathError(f"{out} exists and is not a bundle: give another --out, or move it away")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PathError(f"cannot make the folder {out.parent}: {e.strerror or e}") from None
-    if not os.access(out.parent, os.W_OK):
-        raise PathError(f"cannot write in {out.parent}")
+    writable_folder(out.parent)
 
 
 def _save_manifest(root: Path, manifest: dict) -> None:

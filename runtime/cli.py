@@ -227,15 +227,13 @@ def _load_for_detect(path: Path, limits):
 
 
 def _check_explain(explain: Path, folder: bool) -> None:
-    """Before any image runs: the folder for the pictures, or the picture's folder, made and
-    writable."""
-    where = explain if folder else explain.parent
+    """Before any image runs: the folder for the pictures, or the picture's folder."""
+    from .paths import writable_folder
+
     try:
-        where.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PathError(f"--explain: cannot make the folder {where}: {e.strerror or e}") from None
-    if not os.access(where, os.W_OK):
-        raise PathError(f"--explain: cannot write {explain}")
+        writable_folder(explain if folder else explain.parent)
+    except PathError as e:
+        raise PathError(f"--explain: {e}") from None
 
 
 def _explain_target(explain: Path, path: Path, written: set[Path]) -> Path:

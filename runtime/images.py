@@ -112,27 +112,26 @@ def _read_file(path: Path, limits: ImageLimits) -> bytes:
     if path.is_dir():
         raise UnsupportedImageError(f"{path} is a directory, not an image")
     try:
-        with open(path, "rb") as f:
-            data = f.read(limits.max_bytes + 1)
+        f = open(path, "rb")  # noqa: SIM115 - closed below, once read
     except FileNotFoundError:
         raise ImageNotFoundError(f"no such image file: {path}") from None
     except OSError as e:
         raise ImageUnreadableError(f"cannot read {path}: {e.strerror or e}") from None
-    if len(data) > limits.max_bytes:
-        raise ImageTooLargeError(f"{path} is over the limit of {limits.max_bytes} bytes")
-    return data
+    with f:
+        return _read_stream(f, limits, str(path))
 
 
-def _read_stream(f: BinaryIO, limits: ImageLimits) -> bytes:
+def _read_stream(f: BinaryIO, limits: ImageLimits, name: str = "") -> bytes:
     """From the stream's position, at most `limits.max_bytes` (a stream may not know its size)."""
+    name = name or f"the {type(f).__name__} stream"
     try:
         data = f.read(limits.max_bytes + 1)
     except (OSError, ValueError) as e:  # ValueError: a closed file
-        raise ImageUnreadableError(f"cannot read {type(f).__name__}: {getattr(e, 'strerror', None) or e}") from None
+        raise ImageUnreadableError(f"cannot read {name}: {getattr(e, 'strerror', None) or e}") from None
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise UnsupportedImageError(f"{type(f).__name__} gave {type(data).__name__}, not bytes: open it in binary mode")
+        raise UnsupportedImageError(f"{name} gave {type(data).__name__}, not bytes: open it in binary mode")
     if len(data) > limits.max_bytes:
-        raise ImageTooLargeError(f"the stream is over the limit of {limits.max_bytes} bytes")
+        raise ImageTooLargeError(f"{name} is over the limit of {limits.max_bytes} bytes")
     return bytes(data)
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from .errors import ImageError, PathError
 from .interrupts import signals_held
+from .paths import writable_folder
 
 SKIP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
 MAX_TRIES = 3
@@ -82,8 +83,8 @@ class Ledger:
 
     def check(self) -> None:
         """Fail at start, not at the first image: the results file must be appendable."""
+        writable_folder(self.path.parent)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
         except OSError as e:
             raise PathError(f"cannot write the results file {self.path}: {e.strerror or e}") from None
@@ -145,8 +146,8 @@ class Watcher:
         self.recursive, self.interval_s, self.progress = recursive, interval_s, progress
         present = {file_key(name, st) for name, st in self._files()}
         self.done = self.ledger.load(keep=present.__contains__)
-        self._seen: dict[str, tuple[int, int]] = {}  # name -> (size, mtime) at the last look
         # A file's name is its path under the folder, "/"-separated: just the file name unless recursive.
+        self._seen: dict[str, tuple[int, int]] = {}  # name -> (size, mtime) at the last look
         self._tries: dict[str, int] = {}  # key -> unexpected errors so far
         self._failing: set[str] = set()  # keys that failed unexpectedly since the last success
 
@@ -196,14 +197,14 @@ class Watcher:
     def process(self, path: Path) -> dict | None:
         """The file's ledger record; None when there is none yet: it went away before it was
         read (the camera removed or renamed it), or it is to be tried again."""
-        t, key = time.time(), None
+        t, key, name = time.time(), None, self._name(path)
         try:
-            key = file_key(path.relative_to(self.folder).as_posix(), path.stat())
+            key = file_key(name, path.stat())
             r = self.rt.detect(path)
             record = {"key": key, "path": str(path), "time": t, **r.to_dict()}
         except FileNotFoundError:  # ImageNotFoundError is one too
-            self._seen.pop(path.name, None)
-            self.progress(f"{path.name}: gone before it was read; skipped")
+            self._seen.pop(name, None)
+            self.progress(f"{name}: gone before it was read; skipped")
             return None
         except ImageError as e:
             return self._set_aside(path, key, t, e.code, str(e))
@@ -214,12 +215,15 @@ class Watcher:
             tries = self._tries[key] = self._tries.get(key, 0) + 1
             what = f"{type(e).__name__}: {e}"
             if tries < MAX_TRIES:
-                self.progress(f"{path.name}: {what}; trying again ({tries} of {MAX_TRIES})")
+                self.progress(f"{name}: {what}; trying again ({tries} of {MAX_TRIES})")
                 return None
             return self._set_aside(path, key, t, "internal_error", what)
         self._failing.clear()
         self._commit(key, record)
         return record
+
+    def _name(self, path: Path) -> str:
+        return path.relative_to(self.folder).as_posix()
 
     def _commit(self, key: str, record: dict) -> None:
         self.ledger.append(record)
@@ -245,10 +249,10 @@ class Watcher:
             shutil.move(str(path), target)
         except OSError as e:
             if not path.exists():  # the camera took it away first
-                self.progress(f"{path.name}: gone before it was read; skipped")
+                self.progress(f"{self._name(path)}: gone before it was read; skipped")
                 return None
             # the quarantine folder, not the file: every bad file would fail the same way
-            raise PathError(f"cannot move {path.name} into {self.quarantine}: {e.strerror or e}") from None
+            raise PathError(f"cannot move {self._name(path)} into {self.quarantine}: {e.strerror or e}") from None
         target.with_name(target.name + ".reason").write_text(f"{code}: {message}\n")
         return {"key": key, "path": str(path), "time": t, "error": code, "message": message, "quarantined": str(target)}
 
@@ -261,7 +265,7 @@ class Watcher:
                 continue
             n += 1
             state = rec.get("error") or f"{rec['label']} p(fake)={rec['p_fake']:.4f}"
-            self.progress(f"{p.name}: {state}")
+            self.progress(f"{self._name(p)}: {state}")
         return n
 
     def run(self, once: bool = False) -> int:

@@ -197,8 +197,10 @@ def test_recursive_watches_subfolders_but_not_the_quarantine(runtime, samples, t
     assert Watcher(runtime, cam, out, interval_s=0.01, progress=lambda m: None).run(once=True) == 1  # not recursive
     assert [r["key"].split("|")[0] for r in _lines(out)] == ["top.jpg"]
 
-    w = Watcher(runtime, cam, out, recursive=True, interval_s=0.01, progress=lambda m: None)
+    said = []
+    w = Watcher(runtime, cam, out, recursive=True, interval_s=0.01, progress=said.append)
     assert w.run(once=True) == 3  # top.jpg was done, and the same key recursive or not
+    assert any(m.startswith("2026-11-23/bad.jpg: ") for m in said)  # named by its path under the folder
     recs = {r["key"].rsplit("|", 2)[0]: r for r in _lines(out)}
     assert set(recs) == {"2026-11-22/snap.jpg", "2026-11-23/snap.jpg", "2026-11-23/bad.jpg", "top.jpg"}
     assert recs["2026-11-23/bad.jpg"]["error"] and (cam / "quarantine" / "2026-11-23" / "bad.jpg").is_file()
