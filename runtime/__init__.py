@@ -20,6 +20,7 @@ from .errors import (
     UnsupportedModelError,
     WeightsNotFoundError,
 )
+from .images import ImageLimits
 from .results import DetectionResult, ObjectResult
 from .runtime import Runtime
 
@@ -34,6 +35,7 @@ __all__ = [
     "CorruptImageError",
     "DetectionResult",
     "ImageError",
+    "ImageLimits",
     "ImageNotFoundError",
     "ImageTooLargeError",
     "ImageUnreadableError",

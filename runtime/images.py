@@ -22,6 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import (
     CorruptImageError,
+    ImageError,
     ImageNotFoundError,
     ImageTooLargeError,
     ImageUnreadableError,
@@ -38,6 +39,10 @@ class ImageLimits:
     max_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 64_000_000  # ~8000 x 8000
     max_side: int = 20_000
+    # What cameras, phones, browsers and machine-vision cameras write. Pillow would also try some
+    # thirty rarer decoders (EPS hands the file to Ghostscript), each more attack surface for an
+    # upload gateway; any other format is an UnsupportedImageError. AVIF where Pillow has it.
+    formats: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "TIFF", "PPM")
 
 
 DEFAULT_LIMITS = ImageLimits()
@@ -53,7 +58,7 @@ def load_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS) -> Imag
     if isinstance(source, Image.Image):
         _check_size(source.size, limits)
         # Image.open is lazy: a caller's image may not be decoded yet, and may be truncated
-        return _to_rgb(_upright(_typed_errors(lambda: _loaded(_first_frame(source)))))
+        return _typed_errors(lambda: _to_rgb(_upright(_loaded(_first_frame(source)))))
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     elif isinstance(source, (str, os.PathLike)):
@@ -77,11 +82,16 @@ def decode_bytes(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Ima
         raise ImageTooLargeError(f"image data is {len(data)} bytes, over the limit of {limits.max_bytes}")
 
     def decode() -> Image.Image:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=_decoders(limits.formats))
         _check_size(img.size, limits)  # header only: nothing decoded yet
-        return _loaded(_first_frame(img))
+        return _to_rgb(_upright(_loaded(_first_frame(img))))
 
-    return _to_rgb(_upright(_typed_errors(decode)))
+    return _typed_errors(decode, limits.formats)
+
+
+def _decoders(formats: tuple[str, ...]) -> list[str]:
+    Image.init()  # registers every plugin (once), so AVIF is known where this Pillow has it
+    return [f for f in formats if f in Image.OPEN]
 
 
 def _loaded(img: Image.Image) -> Image.Image:
@@ -89,20 +99,26 @@ def _loaded(img: Image.Image) -> Image.Image:
     return img
 
 
-def _typed_errors(decode: Callable[[], Image.Image]) -> Image.Image:
-    """Run `decode`, turning what Pillow raises on hostile or broken data into ImageErrors."""
+def _typed_errors(decode: Callable[[], Image.Image], formats: tuple[str, ...] = ()) -> Image.Image:
+    """Run `decode`, turning what Pillow raises on hostile or broken data into ImageErrors.
+    Pillow's plugins raise TypeError too (a TIFF frame without dimensions, found by fuzzing)."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            # Pillow's warnings about broken tags and EXIF would fill a gateway's log, one per
+            # hostile upload; the image is judged by whether it decodes.
+            warnings.simplefilter("ignore")
             # PIL only warns between 1x and 2x its own limit; treat that as a bomb too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             return decode()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLargeError(f"decompression bomb refused: {e}") from None
     except UnidentifiedImageError:
-        raise UnsupportedImageError("not a recognized image format") from None
-    except ImageTooLargeError:
+        raise UnsupportedImageError(f"not an image in an accepted format ({', '.join(formats)})") from None
+    except NotImplementedError as e:  # a variant of the format that Pillow does not decode
+        raise UnsupportedImageError(f"unsupported image variant: {e}") from None
+    except ImageError:  # ours, from the size checks: already typed
         raise
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError, IndexError, struct.error) as e:
         raise CorruptImageError(f"truncated or corrupt image: {e}") from None
 
 
@@ -155,7 +171,9 @@ def _from_array(arr: np.ndarray, limits: ImageLimits) -> Image.Image:
 
 
 def _first_frame(img: Image.Image) -> Image.Image:
-    if getattr(img, "n_frames", 1) > 1:
+    # tell(), not n_frames: counting frames parses every one, and a broken later frame (a TIFF
+    # page without dimensions, found by fuzzing) must not reject a good first one.
+    if img.tell() != 0:
         img.seek(0)
     return img
 

@@ -173,6 +173,74 @@ def test_animated_takes_first_frame():
     assert r > 200 and b < 50
 
 
+def test_a_broken_later_page_does_not_reject_the_first():
+    """Found by fuzzing: counting a multi-page TIFF's frames parses every page, and a page
+    without dimensions raised a bare TypeError. Only the first frame is decoded now."""
+    page = Image.new("RGB", (8, 6), (200, 10, 10))
+    data = bytearray(_encode(page, "TIFF", save_all=True, append_images=[page]))
+    first = struct.unpack_from("<I", data, 4)[0]
+    second = struct.unpack_from("<I", data, first + 2 + 12 * struct.unpack_from("<H", data, first)[0])[0]
+    for i in range(struct.unpack_from("<H", data, second)[0]):
+        entry = second + 2 + 12 * i
+        if struct.unpack_from("<H", data, entry)[0] in (256, 257):  # width, height: now unknown tags
+            struct.pack_into("<H", data, entry, 0xC000 + i)
+    out = load_image(bytes(data))
+    assert out.size == (8, 6) and out.getpixel((0, 0)) == (200, 10, 10)
+
+
+@pytest.mark.parametrize("fmt", ImageLimits().formats)
+def test_accepted_formats_decode(fmt):
+    Image.init()
+    if fmt not in Image.SAVE:
+        pytest.skip(f"this Pillow cannot write {fmt}")
+    img = _photo(32, 24)
+    out = load_image(_encode(img, fmt, **({"quality": 100} if fmt in ("JPEG", "WEBP", "AVIF") else {})))
+    assert out.mode == "RGB" and out.size == (32, 24)
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "DDS", "TGA", "PCX", "SGI", "JPEG2000", "QOI"])
+def test_other_formats_are_refused(fmt):
+    """Pillow decodes these too; a gateway takes only what cameras and browsers write."""
+    data = _encode(_photo(32, 32).convert("RGBA" if fmt == "DDS" else "RGB"), fmt)
+    assert Image.open(io.BytesIO(data)).format == fmt  # a valid file, which Pillow would decode
+    with pytest.raises(UnsupportedImageError, match="accepted format.*JPEG"):
+        load_image(data)
+    assert load_image(data, ImageLimits(formats=(fmt,))).size == (32, 32)
+
+
+def test_mutated_images_give_typed_errors_only():
+    """A seeded fuzz: bytes flipped, cut, spliced or set to extreme integers in the accepted
+    formats, in several modes. Each input either decodes to RGB or raises an ImageError."""
+    import random
+
+    rng = random.Random(7)
+    seeds = [_encode(_photo(24, 16).convert(mode), fmt)
+             for fmt, modes in {"JPEG": ("RGB", "L", "CMYK"), "PNG": ("RGBA", "P", "LA", "I;16"), "GIF": ("P",),
+                                "WEBP": ("RGB",), "BMP": ("RGB",), "TIFF": ("RGB", "CMYK", "F"), "PPM": ("L",)}.items()
+             for mode in modes]
+    decoded = refused = 0
+    for _ in range(3000):
+        data = bytearray(rng.choice(seeds))
+        cut = rng.randrange(1, len(data))
+        match rng.randrange(4):
+            case 0:
+                for _ in range(rng.randint(1, 8)):
+                    data[rng.randrange(len(data))] = rng.randrange(256)
+            case 1:
+                data = data[:cut]
+            case 2:
+                data[cut : cut + rng.randint(1, 16)] = rng.randbytes(rng.randint(0, 16))
+            case 3:
+                at = rng.randrange(min(len(data) - 4, 200))
+                data[at : at + 4] = rng.choice([b"\xff" * 4, b"\0" * 4, b"\x7f\xff\xff\xff", b"\x80\0\0\0"])
+        try:
+            assert load_image(bytes(data)).mode == "RGB"
+            decoded += 1
+        except ImageError:
+            refused += 1
+    assert decoded > 50 and refused > 50  # both outcomes exercised
+
+
 def test_inputs_agree():
     img = _photo()
     a = np.asarray(load_image(np.asarray(img)))
