@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import BackendUnavailableError, BundleError
+from .errors import BackendUnavailableError, BundleError, InferenceError
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -85,7 +85,10 @@ class OrtSession:
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         check_feeds(self.name, self.inputs, feeds)
         names = outputs or self.outputs
-        return dict(zip(names, self._sess.run(names, feeds)))
+        try:
+            return dict(zip(names, self._sess.run(names, feeds)))
+        except Exception as e:  # noqa: BLE001 - ORT raises its own opaque types
+            raise InferenceError(f"{self.name} failed in ONNX Runtime: {e}") from None
 
 
 def check_feeds(name: str, inputs: dict, feeds: dict[str, np.ndarray]) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BundleIntegrityError, BundleNotFoundError, BundleVersionError
+from .schema import check_manifest
 
 FORMAT = "itemrt-bundle"
 # 2: the captioner decoder takes its cross K/V one input per layer (cross_k.0 ..., cross_v.0 ...)
@@ -121,6 +122,7 @@ class Bundle:
             raise BundleIntegrityError(f"{mpath} is not valid JSON ({e}); {_redo(None, root)}") from None
         bundle = cls(root, manifest)
         bundle._check_version()
+        check_manifest(manifest, _redo(manifest, root))
         bundle._check_files(verify)
         return bundle
 
@@ -128,7 +130,7 @@ class Bundle:
 
     def _check_version(self) -> None:
         m = self.manifest
-        if m.get("format") != FORMAT:
+        if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise BundleVersionError(f"{self.root} is not an itemrt bundle; {_redo(m, self.root)}")
         if m.get("format_version") != FORMAT_VERSION:
             raise BundleVersionError(
@@ -240,7 +242,7 @@ def write_manifest(root: Path, manifest: dict) -> None:
 
 
 def _redo(manifest: dict | None, root: Path) -> str:
-    cmd = (manifest or {}).get("export_command")
+    cmd = manifest.get("export_command") if isinstance(manifest, dict) else None
     if cmd:
         return f"re-export it with: {cmd}"
     return f"re-export it with `item export --out {root} ...`"

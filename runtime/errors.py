@@ -77,6 +77,13 @@ class BackendUnavailableError(ItemError):
     code = "backend_unavailable"
 
 
+class InferenceError(ItemError, RuntimeError):
+    """A graph failed inside its engine with inputs of the right names and dtypes: most often a
+    manifest whose numbers (sizes, layers, heads) disagree with the graphs, or no memory left."""
+
+    code = "inference_failed"
+
+
 class RuntimeClosedError(ItemError, RuntimeError):
     """`detect` on a Runtime after `close()`: its sessions and thread pools are gone."""
 

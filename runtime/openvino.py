@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import check_feeds
-from .errors import BackendUnavailableError, BundleError
+from .errors import BackendUnavailableError, BundleError, InferenceError
 
 INSTALL_HINT = "pip install 'itemrt[openvino]'"
 
@@ -86,7 +86,10 @@ class OvSession:
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self._model.create_infer_request()
-        got = request.infer(feeds, share_inputs=False, share_outputs=False)
+        try:
+            got = request.infer(feeds, share_inputs=False, share_outputs=False)
+        except RuntimeError as e:  # OpenVINO's errors on shapes its graph does not take
+            raise InferenceError(f"{self.name} failed in OpenVINO: {e}") from None
         by_name = dict(zip(self.outputs, got.to_tuple()))  # compiled outputs keep the graph's order
         return {n: by_name[n] for n in outputs or self.outputs}
 

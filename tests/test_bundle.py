@@ -132,6 +132,67 @@ def test_unknown_decoding_strategy(copy):
         Runtime(copy)
 
 
+def _set(path: str, value):
+    def edit(m):
+        *parents, last = path.split(".")
+        node = m
+        for key in parents:
+            node = node[key]
+        if value is _DELETE:
+            del node[last]
+        else:
+            node[last] = value
+
+    return edit
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        ("head.threshold", "0.5", "head.threshold must be a number from 0 to 1, got '0.5'"),
+        ("head.threshold", 1.5, "head.threshold must be a number from 0 to 1"),
+        ("detector.threshold", _DELETE, "detector.threshold is missing"),
+        ("words.max_objects", -1, "words.max_objects must be a whole number >= 0"),
+        ("words.max_objects", True, "words.max_objects must be a whole number >= 0"),
+        ("captioner.decoding.layers", None, "captioner.decoding.layers must be a whole number >= 0, got None"),
+        ("captioner.decoding.beams", 4, r"captioner.decoding has unknown fields \['beams'\]"),
+        ("clip.preprocess.std", [0.5, 0.5], "clip.preprocess.std must be a list of 3 numbers"),
+        ("clip.preprocess", [], "clip.preprocess must be an object"),
+        ("clip.tokenizer.file", "", "clip.tokenizer.file must be a non-empty string"),
+        ("components.head.file", {"x": 1}, "components.head must be an object with its graph's file"),
+        ("components.clip_image.variants.int8", 7, "components.clip_image.variants.int8 must be an object with `used`"),
+        ("precisions", "int8", "precisions.mixed.used must map components to precisions"),
+        ("files", [], "files must map each file to its sha256"),
+    ],
+)
+def test_a_malformed_manifest_fails_closed_naming_the_field(copy, path, value, message):
+    """The manifest is not hashed (it holds the hashes), so its fields are checked at open:
+    found by mutating manifests, each of these was a KeyError, TypeError or AttributeError
+    somewhere in loading or in detect()."""
+    _edit_manifest(copy, _set(path, value))
+    with pytest.raises(BundleIntegrityError, match=f"manifest.json: {message}.*re-export it with: item export"):
+        Runtime(copy)
+
+
+def test_a_manifest_that_is_not_an_object(copy):
+    (copy / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(BundleVersionError, match="not an itemrt bundle.*item export --out"):
+        Runtime(copy)
+
+
+def test_numbers_that_disagree_with_the_graphs_give_a_typed_error(copy, samples):
+    """Well-typed but wrong (a preprocess size the graph does not take): the engine's failure
+    is an InferenceError naming the graph, not ONNX Runtime's own exception type."""
+    from itemrt import InferenceError
+
+    _edit_manifest(copy, _set("captioner.preprocess.height", 48))
+    with Runtime(copy) as rt, pytest.raises(InferenceError, match="captioner_vision failed in ONNX Runtime"):
+        rt.detect(samples[0])
+
+
 def test_unlisted_file_is_refused(copy):
     b = Bundle.open(copy)
     with pytest.raises(BundleIntegrityError):
