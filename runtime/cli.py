@@ -16,6 +16,7 @@ from .bundle import PRECISIONS
 from .dataset import DEFAULT_RATIOS, IMAGE_SUFFIXES
 from .errors import (
     BundleError,
+    BundleIntegrityError,
     BundleNotFoundError,
     ImageError,
     ItemError,
@@ -316,6 +317,19 @@ def _info(args) -> int:
     if args.json:
         print(json.dumps(m, indent=1))
         return 0
+    try:
+        _print_info(b)
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
+        # Open checked what the runtime reads; the provenance and parity records shown here
+        # are the export's notes, which a hand edit may have broken.
+        raise BundleIntegrityError(
+            f"{b.root / 'manifest.json'}: a record item info shows is missing or malformed ({type(e).__name__}: {e}); "
+            f"`item info --json {b.root}` prints the manifest as it is") from None
+    return 0
+
+
+def _print_info(b) -> None:
+    m = b.manifest
     size = sum((b.root / f).stat().st_size for f in m["files"])
     print(f"bundle     {b.root}  ({m['name']}, format {m['format_version']}, {size / 1e6:.1f} MB, hashes verified)")
     print(f"created    {m['created']} by itemrt {m['itemrt_version']}")
@@ -364,7 +378,6 @@ def _info(args) -> int:
     if h["trained"] or "chain_check" in h:
         _print_chain_check(h.get("chain_check"))
     print(f"default    precision {b.default_precision}; available {b.precisions()}")
-    return 0
 
 
 def _print_chain_check(check: dict | None) -> None:

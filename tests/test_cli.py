@@ -89,6 +89,22 @@ def test_info(tiny_bundle):
     assert layers > 1 and f"cross_k.0-{layers - 1}[" in r.stdout  # per-layer inputs shown as one run
 
 
+def test_info_on_a_broken_export_record_is_a_clear_error(tiny_bundle, tmp_path):
+    """Open checks what the runtime reads; item info also shows the export's parity records,
+    and one broken by hand is a one-line error pointing at --json, not a traceback."""
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["components"]["clip_image"]["parity"] = []
+    (copy / "manifest.json").write_text(json.dumps(m))
+    r = _item("info", copy)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "BundleIntegrityError" in r.stderr and f"item info --json {copy}" in r.stderr
+    assert json.loads(_item("info", "--json", copy).stdout)["components"]["clip_image"]["parity"] == []
+
+
 def test_missing_bundle_is_a_clear_error(tmp_path, samples):
     r = _item("detect", "--bundle", tmp_path / "nope", samples[0])
     assert r.returncode == 2 and "BundleNotFoundError" in r.stderr and "item export" in r.stderr
