@@ -45,14 +45,21 @@ def load_dataset(source: str | Path, ratios: tuple[float, float, float] = DEFAUL
         raise DatasetError(f"no dataset at {source}")
     if abs(sum(ratios) - 1.0) > 1e-6 or min(ratios) < 0:
         raise DatasetError(f"split ratios must be three non-negative numbers summing to 1, got {ratios}")
-    if source.is_dir():
-        rows = _scan_tree(source)
-    elif source.suffix.lower() == ".csv":
-        rows = _read_manifest(source, _csv_rows(source))
-    elif source.suffix.lower() in (".jsonl", ".json"):
-        rows = _read_manifest(source, _jsonl_rows(source))
-    else:
-        raise DatasetError(f"{source}: a dataset is a folder, a .csv or a .jsonl manifest")
+    try:
+        if source.is_dir():
+            rows = _scan_tree(source)
+        elif source.suffix.lower() == ".csv":
+            rows = _read_manifest(source, _csv_rows(source))
+        elif source.suffix.lower() in (".jsonl", ".json"):
+            rows = _read_manifest(source, _jsonl_rows(source))
+        else:
+            raise DatasetError(f"{source}: a dataset is a folder, a .csv or a .jsonl manifest")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{source}: a manifest must be UTF-8 text ({e})") from None
+    except csv.Error as e:
+        raise DatasetError(f"{source}: not a readable CSV manifest ({e})") from None
+    except OSError as e:
+        raise DatasetError(f"cannot read {e.filename or source}: {e.strerror or e}") from None
     if not rows:
         raise DatasetError(f"{source} holds no labelled images (see `item features --help` for the layouts)")
     samples = [Sample(key, path, label, gen, split or _hash_split(key, ratios)) for key, path, label, gen, split in rows]
@@ -85,12 +92,12 @@ def _scan_tree(root: Path) -> list[tuple]:
 
 
 def _csv_rows(path: Path):
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
         yield from enumerate(csv.DictReader(f), start=2)
 
 
 def _jsonl_rows(path: Path):
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, start=1):
             if line.strip():
                 try:

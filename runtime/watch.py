@@ -77,7 +77,7 @@ class Ledger:
                     key = json.loads(line)["key"]
                 except (ValueError, KeyError, TypeError):
                     continue  # a foreign line: keep it, it names no file
-                if keep(key):
+                if isinstance(key, str) and keep(key):  # a foreign line may hold any JSON there
                     keys.add(key)
         return keys
 

@@ -127,6 +127,16 @@ def test_manifests_and_their_errors(tmp_path):
         (tmp_path / name).write_text(text)
         with pytest.raises(DatasetError):
             load_dataset(tmp_path / name)
+    # bytes that are not text, and a field past the csv module's limit: typed too
+    for name, data, message in [("latin.csv", b"path,label\n\xe9t\xe9.png,real\n", "must be UTF-8"),
+                                ("latin.jsonl", b'{"path": "\xe9.png", "label": "real"}\n', "must be UTF-8"),
+                                ("long.csv", b'path,label\n"' + b"x" * 200_000 + b'",real\n', "not a readable CSV")]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DatasetError, match=message):
+            load_dataset(tmp_path / name)
+    # a spreadsheet's CSV starts with a byte-order mark, which is not part of the first column's name
+    (tmp_path / "excel.csv").write_bytes("path,label\r\nimgs/a.png,fake\r\n".encode("utf-8-sig"))
+    assert [s.label for s in load_dataset(tmp_path / "excel.csv")] == [1]
     with pytest.raises(DatasetError, match="no dataset"):
         load_dataset(tmp_path / "nowhere")
 

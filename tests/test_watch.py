@@ -50,6 +50,12 @@ def test_each_file_once_across_restarts(runtime, samples, tmp_path):
     recs = _lines(out)
     assert len(recs) == 4 and len({r["key"] for r in recs}) == 4
 
+    # lines someone else appended (other JSON, a key that is not a name, bytes that are not
+    # text) name no file: kept, skipped, and nothing is answered twice
+    with open(out, "ab") as f:
+        f.write(b'{"key": ["a list"]}\n{"key": null}\n[1, 2]\n\xff\xfe not text\n')
+    assert Watcher(runtime, cam, out, interval_s=0.01, progress=lambda m: None).run(once=True) == 0
+
 
 def test_watch_command(tiny_bundle, samples, tmp_path):
     cam, out = tmp_path / "cam", tmp_path / "r.jsonl"
