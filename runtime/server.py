@@ -93,7 +93,7 @@ def create_app(cfg: ServeConfig):
 
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
@@ -171,6 +171,8 @@ def create_app(cfg: ServeConfig):
         except asyncio.TimeoutError:
             raise HTTPError(408, "upload_timeout",
                             f"body not received within {cfg.upload_timeout_s} s ({size} bytes came)") from None
+        except ClientDisconnect:  # gone, or its body broke HTTP's framing (uvicorn answered 400)
+            raise HTTPError(499, "client_disconnected", f"the client left after {size} bytes of the body") from None
         finally:
             state["uploading"] -= 1
         return b"".join(chunks)
@@ -333,15 +335,21 @@ def read_token(token_file: str | None, env: str = "ITEM_SERVE_TOKEN") -> str | N
     return os.environ.get(env) or None
 
 
-def header_deadline_protocol(timeout_s: float, on_timeout):
-    """uvicorn's h11 protocol with a deadline for each request's line and headers.
+def gateway_protocol(timeout_s: float, on_timeout):
+    """uvicorn's h11 protocol with two repairs for traffic a gateway meets.
 
-    uvicorn has none: a client that connects and sends nothing, or trickles its headers a byte
+    A deadline for each request's line and headers. uvicorn has none: a client that connects and sends nothing, or trickles its headers a byte
     at a time, keeps its connection (a file descriptor) for ever, and enough of them leave the
     server unable to accept anyone. The deadline is armed when a connection opens and after each
     response (the next request on a kept-alive connection), and it fires only if no request
     has begun since and none is running, so a request being answered is never cut. A kept-alive
-    connection that stays silent is left to uvicorn's keep-alive timeout, which closes it quietly."""
+    connection that stays silent is left to uvicorn's keep-alive timeout, which closes it quietly.
+
+    A body that breaks HTTP's framing (bad chunked encoding, found by fuzzing) gets uvicorn's own
+    400 while the app may already be answering from the headers alone (a 415, say). The app's
+    answer then went to a connection h11 had finished with, and each one logged a
+    LocalProtocolError traceback. The request is now marked disconnected, as when a client goes
+    away, so the app's answer is dropped quietly."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     body = json.dumps({"error": "header_timeout",
@@ -349,7 +357,7 @@ def header_deadline_protocol(timeout_s: float, on_timeout):
     answer = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
               b"content-length: %d\r\n\r\n" % len(body)) + body
 
-    class HeaderDeadline(H11Protocol):
+    class GatewayProtocol(H11Protocol):
         _deadline = None
         _heard = False  # bytes since the deadline was armed
 
@@ -364,6 +372,11 @@ def header_deadline_protocol(timeout_s: float, on_timeout):
         def on_response_complete(self) -> None:
             super().on_response_complete()
             self._arm()
+
+        def send_400_response(self, msg: str) -> None:
+            super().send_400_response(msg)
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.cycle.disconnected = True
 
         def connection_lost(self, exc) -> None:
             if self._deadline is not None:
@@ -385,13 +398,13 @@ def header_deadline_protocol(timeout_s: float, on_timeout):
                 self.transport.write(answer)  # h11 cannot answer a request it has not parsed
                 self.transport.close()
 
-    return HeaderDeadline
+    return GatewayProtocol
 
 
 def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> None:
     import uvicorn
 
     app = create_app(cfg)
-    protocol = header_deadline_protocol(cfg.header_timeout_s, app.state.metrics.errors.labels("header_timeout").inc)
+    protocol = gateway_protocol(cfg.header_timeout_s, app.state.metrics.errors.labels("header_timeout").inc)
     uvicorn.run(app, host=host, port=port, log_level=log_level, http=protocol,
                 timeout_graceful_shutdown=int(cfg.timeout_s) + 5)

@@ -107,6 +107,29 @@ def test_bad_input_gets_a_typed_error(server, data, ctype, status, code):
     assert request(server, "GET", "/healthz")[0] == 200  # and the server lives on
 
 
+def test_a_body_that_breaks_http_framing_is_not_an_internal_error(server):
+    """Found by fuzzing: uvicorn answers a bad chunked body with its own 400 and cuts the
+    connection while the app reads the body. That read used to end as a 500 "internal" in
+    the metrics (and a LocalProtocolError traceback in the log when the app answered first)."""
+    def errors(kind: str) -> float:
+        text = request(server, "GET", "/metrics")[1].decode()
+        found = re.search(rf'itemrt_errors_total{{kind="{kind}"}} (\S+)', text)
+        return float(found.group(1)) if found else 0.0
+
+    internal, gone = errors("internal"), errors("client_disconnected")
+    with socket.create_connection(("127.0.0.1", server), timeout=30) as s:
+        s.sendall(b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n10\r\n0123456789abcdef\r\nzz\r\n")
+        answer = b""
+        while chunk := s.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400")
+    deadline = time.monotonic() + 10
+    while errors("client_disconnected") == gone and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert errors("client_disconnected") == gone + 1 and errors("internal") == internal
+
+
 def test_batch_names_the_bad_image(server, samples):
     body, h = _multipart([("images", samples[0].read_bytes()), ("images", b"not an image")])
     status, r = _post(server, body, h["content-type"], "/v1/detect/batch")
