@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -33,11 +34,15 @@ def start_server(bundle: str, port: int, *extra: str, timeout_s: float = 300.0) 
     """`item serve` on loopback; returns once /readyz answers 200."""
     cmd = [sys.executable, "-m", "itemrt.cli", "serve", bundle, "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Its log goes to a file, read with server_log(): a pipe that nobody drains fills at 64 KB,
+    # and then the server blocks on its next log line (it froze a fuzzing test that way).
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - lives as long as the server: proc.log
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc.log = log
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"item serve exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"item serve exited with {proc.returncode}: {server_log(proc)[-2000:]}")
         try:
             status, _ = request(port, "GET", "/readyz", timeout=2)
             if status == 200:
@@ -47,6 +52,12 @@ def start_server(bundle: str, port: int, *extra: str, timeout_s: float = 300.0) 
         time.sleep(0.2)
     proc.kill()
     raise TimeoutError("item serve did not become ready")
+
+
+def server_log(proc: subprocess.Popen) -> str:
+    """What a server from start_server has written to stderr so far."""
+    proc.log.seek(0)
+    return proc.log.read()
 
 
 def request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None,

@@ -335,8 +335,45 @@ def read_token(token_file: str | None, env: str = "ITEM_SERVE_TOKEN") -> str | N
     return os.environ.get(env) or None
 
 
+LINGER_S = 2.0  # how long a closing connection still reads (and drops) what its client sends
+
+
+class LingeringTransport:
+    """A transport whose close() lets the answer arrive. Closing a socket with unread bytes
+    in it sends a TCP reset, and a reset can destroy an answer the client has not read yet.
+    uvicorn closes as soon as it has answered, and the early answers (401, 413, 415, 429, 503,
+    its own 400) come before the body has been read. So close() sends FIN once the answer is
+    flushed, drops whatever still comes, and closes when the client does, or after LINGER_S.
+    Found by fuzzing: a client sending a body with `Connection: close` sometimes got a reset
+    in place of its answer."""
+
+    def __init__(self, transport, loop):
+        self._transport, self._loop = transport, loop
+        self.lingering = False
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self.is_closing():
+            return
+        self.lingering = True
+        try:
+            self._transport.write_eof()
+        except (OSError, RuntimeError, NotImplementedError):  # already broken: nothing to wait for
+            self._transport.close()
+            return
+        self._transport.resume_reading()  # flow control may have paused it: keep draining
+        self._loop.call_later(LINGER_S, self._transport.close)
+
+
 def gateway_protocol(timeout_s: float, on_timeout):
-    """uvicorn's h11 protocol with two repairs for traffic a gateway meets.
+    """uvicorn's h11 protocol with three repairs for traffic a gateway meets.
+
+    A lingering close (LingeringTransport above).
 
     A deadline for each request's line and headers. uvicorn has none: a client that connects and sends nothing, or trickles its headers a byte
     at a time, keeps its connection (a file descriptor) for ever, and enough of them leave the
@@ -362,11 +399,13 @@ def gateway_protocol(timeout_s: float, on_timeout):
         _heard = False  # bytes since the deadline was armed
 
         def data_received(self, data: bytes) -> None:
+            if self.transport.lingering:
+                return  # answered and closing: the rest of the body is dropped
             self._heard = True
             super().data_received(data)
 
         def connection_made(self, transport) -> None:
-            super().connection_made(transport)
+            super().connection_made(LingeringTransport(transport, self.loop))
             self._arm()
 
         def on_response_complete(self) -> None:
