@@ -17,6 +17,7 @@ import io
 import json
 import os
 import struct
+import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -165,14 +166,18 @@ class FeatureStore:
         except OSError:
             self._lock.close()
             raise FeatureStoreError(f"another `item features` is writing to {self.root}") from None
-        self.meta = self._check_meta(meta)
-        records, end = _read_log(self.root / LOG)
-        self._log = open(self.root / LOG, "ab")  # noqa: SIM115 - appended to until close()
+        try:
+            self.meta = self._check_meta(meta)
+            records, end = _read_log(self.root / LOG)
+            self.done = _shard_keys(self.root) | {str(r["key"]) for r in records}
+            self.bad = {b["key"] for b in _read_bad(self.root)}
+            self._log = open(self.root / LOG, "ab")  # noqa: SIM115 - appended to until close()
+        except BaseException:
+            self._lock.close()  # a store that fails to open stays unlocked, even while its error is kept
+            raise
         if self._log.tell() != end:  # a torn last record: cut it, that image is redone
             self._log.truncate(end)
         self._pending = len(records)
-        self.done = _shard_keys(self.root) | {str(r["key"]) for r in records}
-        self.bad = {b["key"] for b in _read_bad(self.root)}
 
     def _check_meta(self, meta: dict) -> dict:
         path = self.root / META
@@ -253,8 +258,10 @@ def read_meta(root: Path) -> dict:
         raise FeatureStoreError(f"cannot read {root / META}: {e.strerror or e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FeatureStoreError(f"{root / META} is not valid JSON ({e})") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise FeatureStoreError(f"{root} is not an itemrt feature store of version {VERSION}; extract it again")
+    if missing := [k for k in ("bundle", *_IDENTITY) if k not in meta]:
+        raise FeatureStoreError(f"{root / META} lacks {missing}; extract the features again")
     return meta
 
 
@@ -267,13 +274,7 @@ def read_features(root: str | Path, fingerprint: str | None = None) -> Features:
             f"features in {root} were extracted with bundle {meta['bundle']!r} (fingerprint {meta['fingerprint']}), "
             f"not with this bundle (fingerprint {fingerprint}): they are stale; run `item features` with this bundle"
         )
-    parts = []
-    for shard in sorted(root.glob("part-*.npz")):
-        try:
-            with np.load(shard, allow_pickle=False) as z:
-                parts.append({k: z[k] for k in z.files})
-        except (OSError, ValueError, zlib.error) as e:
-            raise FeatureStoreError(f"{shard} is unreadable ({e}); delete it and rerun `item features` to redo it") from None
+    parts = [_load_shard(shard) for shard in sorted(root.glob("part-*.npz"))]
     have = {str(k) for p in parts for k in p["key"]}
     records = [r for r in _read_log(root / LOG)[0] if str(r["key"]) not in have]
     if records:
@@ -282,12 +283,20 @@ def read_features(root: str | Path, fingerprint: str | None = None) -> Features:
     return Features(meta, _concat(parts), _read_bad(root))
 
 
-def _shard_keys(root: Path) -> set[str]:
-    keys: set[str] = set()
-    for shard in sorted(root.glob("part-*.npz")):
+def _load_shard(shard: Path, columns: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """A shard's columns (all, or those named). A damaged shard names itself: the zip's CRCs
+    catch flipped bytes, and a cut file is no zip at all."""
+    try:
         with np.load(shard, allow_pickle=False) as z:
-            keys |= {str(k) for k in z["key"]}
-    return keys
+            if "key" not in z.files:
+                raise ValueError("no key column")
+            return {k: z[k] for k in (columns or z.files)}
+    except (OSError, ValueError, EOFError, KeyError, zlib.error, zipfile.BadZipFile) as e:
+        raise FeatureStoreError(f"{shard} is unreadable ({e}); delete it and rerun `item features` to redo it") from None
+
+
+def _shard_keys(root: Path) -> set[str]:
+    return {str(k) for shard in sorted(root.glob("part-*.npz")) for k in _load_shard(shard, ("key",))["key"]}
 
 
 def _read_bad(root: Path) -> list[dict]:
@@ -295,11 +304,13 @@ def _read_bad(root: Path) -> list[dict]:
     if not path.is_file():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().splitlines():
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a torn last line: that image is tried again
+            entry = json.loads(line)
+        except ValueError:  # a torn last line (or bytes that are not text): that image is tried again
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("key"), str):
+            out.append(entry)
     return out
 
 

@@ -15,7 +15,7 @@ from itemrt.bundle import Bundle
 from itemrt.cli import main as item
 from itemrt.dataset import load_dataset
 from itemrt.errors import DatasetError, FeatureStoreError
-from itemrt.features import LOG, FeatureStore, _pack, extract, read_features
+from itemrt.features import BAD, LOG, FeatureStore, _pack, extract, read_features
 from itemrt.recipe import RECIPES
 from PIL import Image, ImageDraw
 
@@ -213,6 +213,32 @@ def test_store_refuses_other_settings_and_stale_bundles(features, bundle, tiny_b
     assert item(["train", str(features), "--bundle", str(other), "--max-epochs", "1"]) == 2
     with pytest.raises(FeatureStoreError, match="no feature store"):
         read_features(tmp_path / "nothing")
+
+
+def test_a_damaged_store_names_the_damage(features, tmp_path):
+    """Found by damaging stores: a shard with flipped or cut bytes raised zipfile's BadZipFile
+    or EOFError, and a bad.jsonl holding bytes that are not text a UnicodeDecodeError."""
+    store = tmp_path / "store"
+    shutil.copytree(features, store)
+    whole = read_features(store)
+    (store / BAD).write_bytes(b"\xff\xfe not text\n[1]\nnull\n{\"key\": 3}\n" + (store / BAD).read_bytes())
+    assert read_features(store).bad == whole.bad  # foreign lines skipped, the real entries kept
+    shard = min(store.glob("part-*.npz"))
+    data = shard.read_bytes()
+    for damaged in (data[: len(data) // 2], data[:200] + bytes([data[200] ^ 0xFF]) + data[201:]):
+        shard.write_bytes(damaged)
+        with pytest.raises(FeatureStoreError, match=f"{shard.name} is unreadable.*rerun `item features`"):
+            read_features(store)
+        with pytest.raises(FeatureStoreError, match="unreadable"):
+            FeatureStore(store, whole.meta)  # resuming reads the shards' keys: the same error
+    shard.write_bytes(data)
+    with FeatureStore(store, whole.meta) as s:  # the failed opens above left no lock behind
+        assert len(s.done) == len(whole)
+    meta = json.loads((store / "meta.json").read_text())
+    del meta["fingerprint"]
+    (store / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(FeatureStoreError, match=r"lacks \['fingerprint'\]"):
+        read_features(store)
 
 
 # --- training ---------------------------------------------------------------------------------
