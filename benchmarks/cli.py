@@ -25,7 +25,15 @@ from itemrt.errors import PathError
 from itemrt.paths import writable_folder
 
 from . import peak
-from .report import SCHEMA, backend_report, compare, markdown, outputs_match, table
+from .report import (
+    SCHEMA,
+    backend_report,
+    comparable,
+    compare,
+    markdown,
+    outputs_match,
+    table,
+)
 
 # name -> (worker backend, precision, device). The reference chain on CUDA (FP32 and FP16) is
 # the baseline a datacenter user would otherwise run; the GPU backends skip, with the reason,
@@ -218,9 +226,12 @@ def _check_paths(p: argparse.ArgumentParser, args) -> dict | None:
     if args.compare is None:
         return None
     try:
-        return json.loads(args.compare.read_text())
+        old = json.loads(args.compare.read_text())
     except (OSError, ValueError) as e:
         p.error(f"--compare: cannot read a report from {args.compare}: {e}")
+    if why := comparable(old):
+        p.error(f"--compare: {args.compare}: {why}")
+    return old
 
 
 def main(argv: list[str] | None = None) -> int:

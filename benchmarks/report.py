@@ -221,6 +221,26 @@ def markdown(rep: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def comparable(old) -> str | None:
+    """Why an earlier report cannot be compared against, or None: checked before a long run,
+    so that the run does not end in a KeyError."""
+    if not isinstance(old, dict) or not str(old.get("schema", "")).startswith("itemrt-bench/"):
+        return "not an item-bench --json report (no itemrt-bench schema)"
+    backends = old.get("backends")
+    if not isinstance(backends, dict):
+        return "its backends are not an object"
+    for name, b in backends.items():
+        if not isinstance(b, dict):
+            return f"backend {name} is not an object"
+        if b.get("status", "ok") != "ok":
+            continue
+        stages = b.get("stages_ms")
+        if not isinstance(stages, dict) or not all(
+                isinstance(x, dict) and isinstance(x.get("p50"), (int, float)) for x in stages.values()):
+            return f"backend {name} has no p50 per stage"
+    return None
+
+
 def compare(old: dict, new: dict) -> str:
     """p50 deltas per backend and stage, new against old."""
     lines = [f"compare: {old.get('created', '?')} -> {new.get('created', '?')}"]

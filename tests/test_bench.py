@@ -152,6 +152,9 @@ def test_gpu_time_is_reported_apart_from_wall_time():
 
 @pytest.mark.parametrize("flag,value,says", [
     ("--compare", "missing.json", "--compare: cannot read a report"),
+    ("--compare", "list.json", "not an item-bench --json report"),
+    ("--compare", "other.json", "not an item-bench --json report"),
+    ("--compare", "no-p50.json", "backend ort-fp32 has no p50 per stage"),
     ("--json", "a-file/report.json", "--json: cannot make the folder"),
     ("--charts", "a-file", "--charts: cannot make the folder"),
 ])
@@ -159,6 +162,10 @@ def test_bad_output_paths_fail_before_the_run(tiny_bundle, tmp_path, capsys, fla
     from itemrt.bench.cli import main
 
     (tmp_path / "a-file").write_text("in the way")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "other.json").write_text('{"schema": "someone-else/1", "backends": {}}')
+    (tmp_path / "no-p50.json").write_text(json.dumps(
+        {"schema": SCHEMA, "backends": {"ort-fp32": {"status": "ok", "stages_ms": {"total": {"p90": 1.0}}}}}))
     with pytest.raises(SystemExit) as e:
         main([str(tiny_bundle), "--backends", "ort-fp32", flag, str(tmp_path / value)])
     assert e.value.code == 2 and says in capsys.readouterr().err
