@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from itemrt.errors import WeightsNotFoundError
+from itemrt.errors import UnsupportedModelError, WeightsNotFoundError
 from itemrt.preprocess import RESAMPLE_NAMES, ImageSpec
 
 from .open_clip import (
@@ -104,16 +105,40 @@ def load_models(sources: dict[str, Source], progress=print) -> Models:
             progress(f"loading {kind} from {path} ({fmt} checkpoint, converted to CLIPModel)")
             return load_openai(openai_archive(Path(path)), progress) if fmt == "openai" else load_open_clip(Path(path), progress)
         progress(f"loading {kind} from {path}")
+        _check_model_type(kind, Path(path), cls.__name__)
         try:
-            model = cls.from_pretrained(path, local_files_only=True).eval()
-            return model, AutoTokenizer.from_pretrained(path, local_files_only=True), ip_cls.from_pretrained(path)
+            model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True)
+            tokenizer, processor = AutoTokenizer.from_pretrained(path, local_files_only=True), ip_cls.from_pretrained(path)
         except OSError as e:
             raise WeightsNotFoundError(f"cannot load {kind} from {path}: {e}") from None
+        # transformers fills weights a checkpoint lacks with random ones, and only logs it: the
+        # export would then be faithful to a model nobody trained.
+        lacking = sorted(info["missing_keys"]) + sorted(str(k[0] if isinstance(k, tuple) else k) for k in info["mismatched_keys"])
+        if lacking:
+            raise UnsupportedModelError(
+                f"{path} lacks {len(lacking)} weights of {cls.__name__} or has them in other shapes "
+                f"({', '.join(lacking[:4])}{', ...' if len(lacking) > 4 else ''}); they would be random. "
+                f"Give --{kind} the folder of a whole {MODEL_TYPES[kind]} checkpoint")
+        return model.eval(), tokenizer, processor
 
     blip = load("captioner", BlipForConditionalGeneration, BlipImageProcessorPil)
     owl = load("detector", OwlViTForObjectDetection, OwlViTImageProcessorPil)
     clip = load("clip", CLIPModel, CLIPImageProcessorPil)
     return Models(*blip, *owl, *clip, sources=sources)
+
+
+# config.json's model_type for each part: transformers loads a folder into any class, with a warning.
+MODEL_TYPES = {"captioner": "blip", "detector": "owlvit", "clip": "clip"}
+
+
+def _check_model_type(kind: str, folder: Path, cls_name: str) -> None:
+    try:
+        found = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise WeightsNotFoundError(f"cannot read {folder / 'config.json'}: {e}") from None
+    if found != MODEL_TYPES[kind]:
+        raise UnsupportedModelError(
+            f"{folder} holds a {found!r} model; --{kind} takes a {MODEL_TYPES[kind]!r} one ({cls_name})")
 
 
 def image_spec(ip) -> ImageSpec:
