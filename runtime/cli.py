@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=COUNT, default=4, help="images per batch; 1 turns micro-batching off")
     s.add_argument("--max-wait-ms", type=number(0), default=10.0)
     s.add_argument("--max-in-flight", type=COUNT, default=32, help="images admitted at once; beyond: 429")
+    s.add_argument("--decode-budget-mp", type=number(1), default=128,
+                   help="megapixels being decoded at once, all requests together (bounds decoding memory)")
     s.add_argument("--timeout-s", type=SECONDS, default=60.0)
     s.add_argument("--max-upload-mb", type=number(0, low_open=True), default=20.0)
     s.add_argument("--max-uploads", type=COUNT, default=32,
@@ -432,7 +434,7 @@ def _serve(args) -> int:
         max_wait_ms=args.max_wait_ms, max_in_flight=args.max_in_flight, timeout_s=args.timeout_s,
         max_upload_bytes=int(args.max_upload_mb * 2**20), max_uploads=args.max_uploads,
         upload_timeout_s=args.upload_timeout_s, header_timeout_s=args.header_timeout_s,
-        token=read_token(args.token_file),
+        decode_budget_pixels=int(args.decode_budget_mp * 1e6), token=read_token(args.token_file),
     )
     serve(cfg, args.host, args.port, args.log_level)
     return 0

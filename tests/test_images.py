@@ -241,6 +241,14 @@ def test_mutated_images_give_typed_errors_only():
     assert decoded > 50 and refused > 50  # both outcomes exercised
 
 
+def test_header_pixels_reads_the_claim_without_decoding():
+    from itemrt.images import header_pixels
+
+    assert header_pixels(_png_claiming(8_000, 6_000)) == 48_000_000  # the claim of a 1x1 file, nothing decoded
+    assert header_pixels(_encode(_photo(64, 48), "JPEG")) == 64 * 48
+    assert header_pixels(b"not an image") == 0  # decoding it says why
+
+
 def test_inputs_agree():
     img = _photo()
     a = np.asarray(load_image(np.asarray(img)))

@@ -158,6 +158,28 @@ def test_an_early_answer_reaches_a_client_still_sending_its_body(server):
         assert time.monotonic() - start < LINGER_S + 3
 
 
+def test_the_pixel_budget_bounds_concurrent_decoding():
+    """Decoding threads hold their image's pixels; together they never pass the budget, and an
+    image larger than the whole budget still runs, alone."""
+    from itemrt.server import PixelBudget
+
+    budget, lock, seen = PixelBudget(100), threading.Lock(), []
+
+    def decode(pixels: int) -> None:
+        with budget.hold(pixels):
+            with lock:
+                seen.append(budget.used)
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=decode, args=(n,)) for n in (60, 60, 60, 30, 150, 40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads) and len(seen) == 6
+    assert max(seen) <= 100 and budget.used == 0
+
+
 def _hostile_request(rng, jpg: bytes) -> tuple[bytes, bool]:
     """One mutated request: a raw or multipart body (many parts, bad boundaries, bytes flipped
     or cut), a lying or broken Content-Length or chunked framing, an odd method or path. And
