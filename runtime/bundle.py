@@ -224,7 +224,7 @@ class Bundle:
 
     @property
     def name(self) -> str:
-        return self.manifest.get("name", self.root.name)
+        return self.manifest["name"]  # required: checked at open (schema.py)
 
     @property
     def trained(self) -> bool:

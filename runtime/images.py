@@ -13,6 +13,7 @@ import re
 import struct
 import warnings
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -30,6 +31,8 @@ from .errors import (
 )
 
 ImageInput = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | Image.Image | np.ndarray
+
+Hold = Callable[[int], AbstractContextManager]
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -50,9 +53,11 @@ DEFAULT_LIMITS = ImageLimits()
 _HIGH_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 
 
-def load_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+def load_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, hold: Hold | None = None) -> Image.Image:
     """Path, bytes, binary file object, PIL image or HxWx3 uint8 array -> upright RGB PIL image
-    (first frame)."""
+    (first frame). `hold(pixels)`, a context manager, is entered with the pixel count the header
+    claims, before anything is decoded, and left once the RGB image is made (item serve's
+    budget of pixels decoded at once)."""
     if isinstance(source, np.ndarray):
         return _from_array(source, limits)
     if isinstance(source, Image.Image):
@@ -72,10 +77,10 @@ def load_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS) -> Imag
             f"unsupported input type {type(source).__name__}: "
             "give a path, bytes, a binary file object, a PIL image or an HxWx3 uint8 array"
         )
-    return decode_bytes(data, limits)
+    return decode_bytes(data, limits, hold)
 
 
-def decode_bytes(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+def decode_bytes(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, hold: Hold | None = None) -> Image.Image:
     if len(data) == 0:
         raise CorruptImageError("empty image data (0 bytes)")
     if len(data) > limits.max_bytes:
@@ -84,22 +89,10 @@ def decode_bytes(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Ima
     def decode() -> Image.Image:
         img = Image.open(io.BytesIO(data), formats=_decoders(limits.formats))
         _check_size(img.size, limits)  # header only: nothing decoded yet
-        return _to_rgb(_upright(_loaded(_first_frame(img))))
+        with hold(img.size[0] * img.size[1]) if hold else nullcontext():
+            return _to_rgb(_upright(_loaded(_first_frame(img))))
 
     return _typed_errors(decode, limits.formats)
-
-
-def header_pixels(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> int:
-    """The pixel count an image's header claims, read without decoding (cheap, and what
-    decoding will cost: about 20 bytes a pixel at its peak). 0 when there is no readable header:
-    decoding it will raise the typed error."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            w, h = Image.open(io.BytesIO(data), formats=_decoders(limits.formats)).size
-    except Exception:  # noqa: BLE001 - load_image says what is wrong with it
-        return 0
-    return w * h
 
 
 def _decoders(formats: tuple[str, ...]) -> list[str]:
@@ -209,7 +202,6 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     rgba = img if img.mode == "RGBA" else img.convert("RGBA")
     out = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     out.alpha_composite(rgba)
-    del img, rgba
     return out.convert("RGB")
 
 

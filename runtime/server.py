@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .batcher import Batcher, QueueFull
 from .errors import ImageError, ImageTooLargeError, ItemError, PathError
-from .images import DEFAULT_LIMITS, header_pixels, load_image
+from .images import DEFAULT_LIMITS, load_image
 
 STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -54,9 +54,10 @@ class ServeConfig:
 
 
 class PixelBudget:
-    """At most `limit` pixels being decoded at once, across the server's decoding threads.
-    Without it, 8 concurrent 64 MP PNGs of 265 KB each took the server to a 9.6 GB peak RSS.
-    An image larger than the whole budget still runs, alone."""
+    """At most `limit` pixels being decoded at once, across the server's decoding threads
+    (`load_image`'s hold). Without it, 8 concurrent 64 MP PNGs of 265 KB each took the server to
+    a 9.1-10.4 GB peak RSS (`python -m itemrt.bench.decode_memory`). An image larger than the
+    whole budget still runs, alone."""
 
     def __init__(self, limit: int):
         self.limit, self.used = limit, 0
@@ -242,8 +243,7 @@ def create_app(cfg: ServeConfig):
         images = []
         for i, b in enumerate(blobs):
             try:
-                with budget.hold(header_pixels(b, limits)):
-                    images.append(load_image(b, limits))
+                images.append(load_image(b, limits, budget.hold))
             except ImageError as e:
                 where = f"image {i}: " if len(blobs) > 1 else ""
                 raise HTTPError(_image_status(e), e.code, f"{where}{e}") from None
@@ -406,8 +406,8 @@ def gateway_protocol(timeout_s: float, on_timeout):
 
     A lingering close (LingeringTransport above).
 
-    A deadline for each request's line and headers. uvicorn has none: a client that connects and sends nothing, or trickles its headers a byte
-    at a time, keeps its connection (a file descriptor) for ever, and enough of them leave the
+    A deadline for each request's line and headers. uvicorn has none: a client that connects and
+    sends nothing, or trickles its headers a byte at a time, keeps its connection (a file descriptor) for ever, and enough of them leave the
     server unable to accept anyone. The deadline is armed when a connection opens and after each
     response (the next request on a kept-alive connection), and it fires only if no request
     has begun since and none is running, so a request being answered is never cut. A kept-alive

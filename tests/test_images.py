@@ -241,12 +241,25 @@ def test_mutated_images_give_typed_errors_only():
     assert decoded > 50 and refused > 50  # both outcomes exercised
 
 
-def test_header_pixels_reads_the_claim_without_decoding():
-    from itemrt.images import header_pixels
+def test_hold_is_entered_with_the_claimed_pixels_before_decoding():
+    """item serve's pixel budget: load_image enters `hold` with what the header claims, and
+    nothing is decoded before it is entered or once the claim is over the limits."""
+    from contextlib import contextmanager
 
-    assert header_pixels(_png_claiming(8_000, 6_000)) == 48_000_000  # the claim of a 1x1 file, nothing decoded
-    assert header_pixels(_encode(_photo(64, 48), "JPEG")) == 64 * 48
-    assert header_pixels(b"not an image") == 0  # decoding it says why
+    held = []
+
+    @contextmanager
+    def hold(pixels):
+        held.append(pixels)
+        yield
+
+    assert load_image(_encode(_photo(64, 48), "JPEG"), hold=hold).size == (64, 48)
+    assert held == [64 * 48]
+    with pytest.raises(ImageTooLargeError):
+        load_image(_png_claiming(30_000, 10), hold=hold)
+    with pytest.raises(UnsupportedImageError):
+        load_image(b"not an image", hold=hold)
+    assert held == [64 * 48]  # refused from the header: nothing held, nothing decoded
 
 
 def test_inputs_agree():
