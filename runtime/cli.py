@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ from .errors import (
     UnsupportedImageError,
 )
 from .perturb import argument as perturbation_argument
+from .watch import SETTLE_S
 
 SAMPLES = Path(__file__).with_name("samples")
 BACKEND_HELP = ("onnxruntime (CPU), ort-cuda / ort-tensorrt (ONNX Runtime's GPU providers), "
@@ -87,12 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=_serve)
 
-    w = sub.add_parser("watch", help="process every new image dropped into a folder, once")
+    w = sub.add_parser("watch", help="process every new image dropped into a folder, once",
+                       description="A file is read once it is complete: its size and mtime unchanged for --settle "
+                                   "seconds. Hidden files and *.part, *.tmp, *.partial, *.crdownload files are never "
+                                   "read: write under such a name and rename when done. A link is followed only to a "
+                                   "regular file inside FOLDER unless --follow-links.")
     w.add_argument("folder", type=Path)
     w.add_argument("--bundle", "-b", default=os.environ.get("ITEM_BUNDLE"), help="bundle folder (or $ITEM_BUNDLE)")
     w.add_argument("--out", type=Path, required=True, help="results, one JSON line per image (also the ledger)")
     w.add_argument("--quarantine", type=Path, default=None, help="default: FOLDER/quarantine")
     w.add_argument("--interval", type=SECONDS, default=1.0, help="seconds between looks")
+    w.add_argument("--settle", type=number(0), default=SETTLE_S, metavar="SECONDS",
+                   help="a file is read once its size and mtime stayed the same this long (default 5; "
+                        "longer than the longest pause of a writer between chunks)")
+    w.add_argument("--follow-links", action="store_true",
+                   help="also follow links to files outside FOLDER (default: only to regular files inside it; "
+                        "others are skipped and reported once)")
     w.add_argument("--recursive", "-r", action="store_true",
                    help="also the images in subfolders (not the quarantine folder, hidden or linked ones)")
     w.add_argument("--once", action="store_true", help="stop when nothing new is left")
@@ -145,6 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _name_bytes(err: UnicodeError) -> tuple[str, int]:
+    """An encoding error handler: a file name's bytes that are not UTF-8 (surrogate escapes) as
+    \\xNN, the byte itself, like the watcher's progress; anything else as backslashreplace does."""
+    if isinstance(err, UnicodeEncodeError):
+        bad = err.object[err.start : err.end]
+        if all(0xDC80 <= ord(c) <= 0xDCFF for c in bad):
+            return "".join(f"\\x{ord(c) - 0xDC00:02x}" for c in bad), err.end
+    return codecs.backslashreplace_errors(err)
+
+
+NAME_BYTES = "itemrt.name_bytes"
+codecs.register_error(NAME_BYTES, _name_bytes)
+
+
 def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt  # the Ctrl-C path: work kept, temporary files removed
 
@@ -156,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     # drains requests on it, then re-raises it so a supervisor sees a signalled, clean stop.
     on_main = threading.current_thread() is threading.main_thread() and args.cmd != "serve"
     previous = signal.signal(signal.SIGTERM, _terminate) if on_main else None
+    # File names need not be UTF-8 (their odd bytes come as surrogate escapes): on a strict UTF-8
+    # stream printing one raised UnicodeEncodeError; they are shown as \xff instead.
+    streams = {s: s.errors for s in (sys.stdout, sys.stderr) if hasattr(s, "reconfigure")}
+    for s in streams:
+        s.reconfigure(errors=NAME_BYTES)
     try:
         rc = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
@@ -170,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 0
     finally:
+        for s, errors in streams.items():
+            try:
+                s.reconfigure(errors=errors)  # flushes first: a reader gone is no news here
+            except (OSError, ValueError):
+                pass
         if on_main:
             signal.signal(signal.SIGTERM, previous)  # main() called from Python leaves no trace
 
@@ -449,7 +485,8 @@ def _watch(args) -> int:
         return 2
     with Runtime(args.bundle, precision=args.precision, backend=args.backend) as rt:
         w = Watcher(rt, args.folder, args.out, quarantine=args.quarantine, recursive=args.recursive,
-                    interval_s=args.interval, progress=lambda msg: print(msg, flush=True))
+                    interval_s=args.interval, settle_s=args.settle, follow_links=args.follow_links,
+                    progress=lambda msg: print(msg, flush=True))
         try:
             n = w.run(once=args.once)
         except KeyboardInterrupt:

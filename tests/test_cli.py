@@ -190,6 +190,7 @@ ITEM_BAD_NUMBERS = [
     (["serve", "b", "--timeout-s", "-1"], "--timeout-s"),
     (["serve", "b", "--max-upload-mb", "inf"], "--max-upload-mb"),
     (["watch", "d", "--out", "r.jsonl", "--interval", "0"], "--interval"),
+    (["watch", "d", "--out", "r.jsonl", "--settle", "-1"], "--settle"),
     (["features", "d", "--out", "f", "--split-ratios", "0.5", "0.5", "-1"], "--split-ratios"),
     (["build", "b", "--opt-batch", "x"], "--opt-batch"),
     (["export", "--out", "b", "--det-threshold", "2"], "--det-threshold"),
@@ -223,3 +224,25 @@ def test_the_ends_of_each_range_are_accepted():
     assert item_parser().parse_args(["calibrate", "f", "--bundle", "b", "--target-fpr", "0"]).target_fpr == 0.0
     b = bench_parser().parse_args(["b", "--objects", "0", "--warmup", "0", "--batch-sizes", "1", "8"])
     assert (b.objects, b.warmup, b.batch_sizes) == (0, 0, [1, 8])
+
+
+def test_detect_names_that_are_not_utf8_on_a_strict_utf8_stdout(tiny_bundle, samples, tmp_path):
+    """Issue 21: a file name with the byte 0xff made item detect fail with UnicodeEncodeError
+    (exit 1) where stdout is strict UTF-8. Printed as \\xff; --json gives the exact bytes back."""
+    import os
+
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "LC_ALL": "C.UTF-8"}
+    folder = os.fsencode(tmp_path)
+    good, bad = folder + b"/caf\xff.jpg", folder + b"/bad\xfe.jpg"
+    with open(good, "wb") as f:
+        f.write(samples[0].read_bytes())
+    with open(bad, "wb") as f:
+        f.write(b"not an image")
+    r = _item("detect", "--bundle", tiny_bundle, tmp_path, text=False, env=env)  # the folder: names from listing it
+    assert r.returncode == 1, r.stderr.decode(errors="replace")[-2000:]  # 1: the bad one
+    assert b"caf\\xff.jpg: REAL" in r.stdout or b"caf\\xff.jpg: FAKE" in r.stdout
+    assert b"bad\\xfe.jpg: error (unsupported_image)" in r.stderr and b"Traceback" not in r.stderr
+    r = _item("detect", "--bundle", tiny_bundle, "--json", tmp_path, text=False, env=env)
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [os.fsencode(x["path"]) for x in lines] == [bad, good]
+    assert "error" in lines[0] and "p_fake" in lines[1]
