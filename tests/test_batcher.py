@@ -3,6 +3,7 @@ and every admitted caller answered, whatever the bookkeeping does."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -123,3 +124,33 @@ def test_a_caller_that_gives_up_holds_its_places_until_its_images_leave_the_queu
     finally:
         gate.set()
         b.close(timeout_s=60)
+
+
+def test_a_caller_within_the_limit_never_gets_queue_full(runtime, images):
+    """Places come back before the answers go out: 8 callers that each wait for their answer
+    before sending again, with max_in_flight 8, never see QueueFull (issue 21: 99 429s in 2,267
+    requests through item serve when the answers went out first)."""
+
+    b = Batcher(runtime, max_batch=4, max_wait_s=0.002, max_in_flight=8)
+    refused, answered = [], []
+
+    def caller(i: int) -> None:
+        for _ in range(12):
+            try:
+                with b.admit(1) as places:
+                    answered.append(b.submit([images[i % len(images)]], places).result(timeout=120))
+            except QueueFull as e:
+                refused.append(str(e))
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often, as a server's event loop and clients do
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+        b.close(timeout_s=60)
+    assert refused == [] and len(answered) == 96
