@@ -46,6 +46,13 @@ class ImageTooLargeError(ImageError):
     code = "image_too_large"
 
 
+class ImageTooComplexError(ImageTooLargeError):
+    """Small enough, but too costly to decode: a JPEG with more progressive scans than the
+    limits allow (the decoder passes over the whole image once per scan)."""
+
+    code = "image_too_complex"
+
+
 # --- bundles ------------------------------------------------------------------------------
 
 

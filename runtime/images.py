@@ -25,6 +25,7 @@ from .errors import (
     CorruptImageError,
     ImageError,
     ImageNotFoundError,
+    ImageTooComplexError,
     ImageTooLargeError,
     ImageUnreadableError,
     UnsupportedImageError,
@@ -46,11 +47,23 @@ class ImageLimits:
     # thirty rarer decoders (EPS hands the file to Ghostscript), each more attack surface for an
     # upload gateway; any other format is an UnsupportedImageError. AVIF where Pillow has it.
     formats: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "TIFF", "PPM")
+    # A progressive JPEG is decoded in one pass over the whole image per scan, and a scan can
+    # be a few bytes: one repeated 2,000 times made a 44 KB file take 10 s. Encoders write about
+    # ten. Refused before decoding: more scans than this, or more scans x pixels than that.
+    max_jpeg_scans: int = 256
+    max_scan_pixels: int = 32 * 64_000_000
 
 
 DEFAULT_LIMITS = ImageLimits()
 
 _HIGH_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+
+# Peak bytes a pixel while decoding to RGB, by format: the most over the modes each format
+# has, measured with `python -m itemrt.bench.hostile --modes` (docs in README, "Reliability").
+# item serve's decode budget counts pixels of DECODE_BYTES_REF bytes each, so an AVIF weighs
+# more than a JPEG of the same size.
+DECODE_BYTES = {"JPEG": 9, "PNG": 10, "TIFF": 11, "BMP": 7, "PPM": 7, "GIF": 13, "WEBP": 17, "AVIF": 29}
+DECODE_BYTES_REF = 12
 
 
 def load_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, hold: Hold | None = None) -> Image.Image:
@@ -89,10 +102,61 @@ def decode_bytes(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, hold: Hold |
     def decode() -> Image.Image:
         img = Image.open(io.BytesIO(data), formats=_decoders(limits.formats))
         _check_size(img.size, limits)  # header only: nothing decoded yet
-        with hold(img.size[0] * img.size[1]) if hold else nullcontext():
+        if img.format in ("JPEG", "MPO"):
+            _check_scans(data, img.size, limits)
+        with hold(decode_cost(img.format, img.size)) if hold else nullcontext():
             return _to_rgb(_upright(_loaded(_first_frame(img))))
 
     return _typed_errors(decode, limits.formats)
+
+
+def decode_cost(fmt: str | None, size: tuple[int, int]) -> int:
+    """What decoding an image of this format and size costs at its peak, in pixels of
+    DECODE_BYTES_REF bytes (the unit of item serve's decode budget)."""
+    per_pixel = DECODE_BYTES.get(fmt or "", DECODE_BYTES_REF)
+    return math.ceil(size[0] * size[1] * per_pixel / DECODE_BYTES_REF)
+
+
+_MARKER = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")  # what ends a scan's entropy-coded data
+
+
+def jpeg_scans(data: bytes) -> int:
+    """Scans (SOS segments) of the JPEG's first image, by walking its segments: a segment's
+    payload is skipped by its length, a scan's data up to the next marker. Linear in bytes."""
+    if data[:2] != b"\xff\xd8":
+        return 0
+    pos, scans, end = 2, 0, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF or data[pos + 1] == 0xFF:  # stray bytes or fill: on to the next marker
+            m = _MARKER.search(data, pos + 1)
+            if m is None:
+                break
+            pos = m.start()
+            continue
+        marker = data[pos + 1]
+        if marker == 0xD9:  # end of image
+            break
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a payload
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xDA:
+            scans += 1
+            m = _MARKER.search(data, pos)
+            if m is None:
+                break
+            pos = m.start()
+    return scans
+
+
+def _check_scans(data: bytes, size: tuple[int, int], limits: ImageLimits) -> None:
+    scans = jpeg_scans(data)
+    work = scans * size[0] * size[1]
+    if scans > limits.max_jpeg_scans or work > limits.max_scan_pixels:
+        raise ImageTooComplexError(
+            f"JPEG of {size[0]}x{size[1]} with {scans} scans; limits are {limits.max_jpeg_scans} scans "
+            f"and {limits.max_scan_pixels} scans x pixels (encoders write about 10 scans)"
+        )
 
 
 def _decoders(formats: tuple[str, ...]) -> list[str]:
@@ -186,30 +250,55 @@ def _first_frame(img: Image.Image) -> Image.Image:
 
 def _upright(img: Image.Image) -> Image.Image:
     try:
-        return ImageOps.exif_transpose(img)
+        # in place: otherwise an image with nothing to turn is copied whole
+        ImageOps.exif_transpose(img, in_place=True)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not reject an otherwise good image
-        return img
+        pass
+    return img
+
+
+_BAND_PIXELS = 1 << 20  # rows converted at a time: the full-size temporaries are one band
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Same rule as the reference processors (alpha composited on white), plus high bit depths."""
-    if img.mode == "RGB":
+    """Same rule as the reference processors (alpha composited on white), plus high bit depths,
+    done in bands of rows so that no full-size temporary is made beyond the RGB result (a 64 MP
+    RGBA image peaked at 1.2 GB as the reference does it)."""
+    high = img.mode in _HIGH_DEPTH_MODES
+    alpha = not high and ("A" in img.getbands() or img.info.get("transparency") is not None)  # the reference's test
+    if img.mode == "RGB" and not alpha:
         return img
-    if img.mode in _HIGH_DEPTH_MODES:
-        img = Image.fromarray(_to_uint8(np.asarray(img)), "L")
-    # The same operations as the reference, with fewer full-size copies (a 64 MP RGBA image
-    # peaked at 1.2 GB): no copy of an image already RGBA, and the composite done in place.
-    rgba = img if img.mode == "RGBA" else img.convert("RGBA")
-    out = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    out.alpha_composite(rgba)
-    return out.convert("RGB")
+    if not alpha and not high:
+        return img.convert("RGB")  # opaque: RGBA on white then RGB is this, pixel for pixel
+    w, h = img.size
+    out = Image.new("RGB", img.size)
+    step = max(1, _BAND_PIXELS // w)
+    scale = _high_scale(img, step) if high else 1.0
+    for y in range(0, h, step):
+        band = img.crop((0, y, w, min(h, y + step)))
+        if high:
+            band = Image.fromarray(_to_uint8(np.asarray(band), scale), "L")
+        rgba = band if band.mode == "RGBA" else band.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        white.alpha_composite(rgba)
+        out.paste(white.convert("RGB"), (0, y))
+    return out
 
 
-def _to_uint8(a: np.ndarray) -> np.ndarray:
+def _high_scale(img: Image.Image, step: int) -> float:
+    """Float images whose values are all at most 1 are scaled to 255: a whole-image rule, found
+    band by band so that every band agrees."""
+    if img.mode != "F":
+        return 1.0
+    w, h = img.size
+    top = max(float(np.nan_to_num(np.asarray(img.crop((0, y, w, min(h, y + step)))).astype(np.float64)).max())
+              for y in range(0, h, step))
+    return 255.0 if max(top, 0.0) <= 1.0 else 1.0
+
+
+def _to_uint8(a: np.ndarray, scale: float = 1.0) -> np.ndarray:
     if a.dtype.kind == "f":
-        a = np.nan_to_num(a.astype(np.float64))
-        scale = 255.0 if a.max(initial=0.0) <= 1.0 else 1.0
-        return np.clip(a * scale, 0, 255).astype(np.uint8)
+        return np.clip(np.nan_to_num(a.astype(np.float64)) * scale, 0, 255).astype(np.uint8)
     # 16-bit (and 32-bit holding 16-bit data): keep the top 8 bits of the 16-bit range
     return (np.clip(a.astype(np.int64), 0, 65535) // 257).astype(np.uint8)
 

@@ -61,21 +61,44 @@ def _resize_size(spec: ImageSpec, w: int, h: int) -> tuple[int, int]:
     return (new_short, new_long) if w <= h else (new_long, new_short)
 
 
+# A resize of up to this many crops' worth of pixels is done whole, as the reference does, and
+# then cropped: the same pixels, bit for bit. Beyond it (aspect ratios past 64:1 for a square
+# crop) only the region the crop keeps is resampled (see _resized).
+EXACT_RESIZE_CROPS = 64
+
+
+def _resized(img: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """The resized (and center-cropped) image as uint8 HWC.
+
+    A shortest-edge resize of a thin image is huge (1 x 20000 px becomes 224 x 4,480,000 px, of
+    which 224 x 224 are kept: 95 s and 9.6 GB). Past EXACT_RESIZE_CROPS, PIL's `box` resamples
+    only the kept region, with the scale of the whole resize; Pillow may then order its two
+    passes differently and rounds the box to float32, so pixels can differ from the reference
+    by a few levels (tests/test_preprocess.py bounds it; docs/reliability.md)."""
+    w, h = _resize_size(spec, *img.size)
+    resample = _RESAMPLE[spec.resample]
+    if not spec.crop_height:
+        return np.asarray(img if (w, h) == img.size else img.resize((w, h), resample=resample))
+    ch, cw = spec.crop_height, spec.crop_width
+    top, left = (h - ch) // 2, (w - cw) // 2
+    y0, y1, x0, x1 = max(0, top), min(h, top + ch), max(0, left), min(w, left + cw)
+    if w * h <= EXACT_RESIZE_CROPS * ch * cw:
+        whole = img if (w, h) == img.size else img.resize((w, h), resample=resample)
+        kept = np.asarray(whole)[y0:y1, x0:x1]
+    else:
+        sx, sy = img.size[0] / w, img.size[1] / h
+        kept = np.asarray(img.resize((x1 - x0, y1 - y0), resample=resample,
+                                     box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy)))
+    if kept.shape[:2] == (ch, cw):
+        return kept
+    out = np.zeros((ch, cw, 3), np.uint8)  # smaller than the crop: zeros around, like the reference
+    out[y0 - top : y1 - top, x0 - left : x1 - left] = kept
+    return out
+
+
 def _preprocess_into(img: Image.Image, spec: ImageSpec, out: np.ndarray) -> None:
     """RGB PIL image -> float32 CHW, written into `out`."""
-    size = _resize_size(spec, *img.size)
-    if size != img.size:
-        img = img.resize(size, resample=_RESAMPLE[spec.resample])
-    a = np.asarray(img)  # uint8 HWC: crop and transpose before widening, a quarter of the bytes
-    if spec.crop_height:
-        h, w = a.shape[:2]
-        top, left = (h - spec.crop_height) // 2, (w - spec.crop_width) // 2
-        if top < 0 or left < 0:  # smaller than the crop: pad with zeros around, like the reference
-            padded = np.zeros((max(h, spec.crop_height), max(w, spec.crop_width), 3), np.uint8)
-            pt, pl = max(0, -top), max(0, -left)
-            padded[pt : pt + h, pl : pl + w] = a
-            a, top, left = padded, max(0, top), max(0, left)
-        a = a[top : top + spec.crop_height, left : left + spec.crop_width]
+    a = _resized(img, spec)  # uint8 HWC: cropped before widening, a quarter of the bytes
     mean = (np.asarray(spec.mean, np.float32) / np.float32(spec.rescale))[:, None, None]
     scale = (np.float32(spec.rescale) / np.asarray(spec.std, np.float32))[:, None, None]
     # Planar, in place: the same float32 arithmetic as (x - mean) * scale, 4x faster than

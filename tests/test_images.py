@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import math
 import os
 import struct
 import threading
@@ -156,6 +158,116 @@ def test_16_bit_keeps_the_top_byte():
     assert out.getpixel((0, 0)) == (0xABCD // 257,) * 3
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "P", "PA", "1", "CMYK", "YCbCr", "RGB"])
+def test_rgb_conversion_is_the_references_pixel_for_pixel(mode, monkeypatch):
+    """Converted in bands of rows (no full-size temporaries), yet the reference's pixels,
+    transparency included (an RGB, L or P image with a transparent colour is composited too)."""
+    import itemrt.images as images
+    from transformers.image_transforms import convert_to_rgb
+
+    monkeypatch.setattr(images, "_BAND_PIXELS", 997)  # many bands, the last one short
+    rng = np.random.default_rng(7)
+    base = Image.fromarray(rng.integers(0, 256, (123, 71, 4), dtype=np.uint8), "RGBA")
+    img = base.convert("P").convert("PA") if mode == "PA" else base.convert(mode)
+    variants = [img]
+    if mode in ("RGB", "L", "P"):
+        keyed = img.copy()
+        keyed.info["transparency"] = tuple(img.getpixel((3, 3))) if mode == "RGB" else img.getpixel((3, 3))
+        variants.append(keyed)
+    for v in variants:
+        np.testing.assert_array_equal(np.asarray(images._to_rgb(v)), convert_to_rgb(v, return_numpy=True))
+
+
+def test_high_depth_in_bands_keeps_the_whole_image_rule(monkeypatch):
+    """Float images scale to 255 only when every value is at most 1: decided for the whole image
+    even though it is converted band by band (the largest value in the last band decides)."""
+    import itemrt.images as images
+
+    monkeypatch.setattr(images, "_BAND_PIXELS", 500)
+    a = np.full((40, 25), 0.5, np.float32)
+    a[5, 5] = np.nan
+    assert load_image(Image.fromarray(a, "F")).getpixel((0, 0)) == (127,) * 3
+    assert load_image(Image.fromarray(a, "F")).getpixel((5, 5)) == (0,) * 3  # NaN: 0
+    a[39, 24] = 3.0  # one value above 1, in the last band: no scaling anywhere
+    assert load_image(Image.fromarray(a, "F")).getpixel((0, 0)) == (0,) * 3
+    a[39, 24] = np.inf
+    assert load_image(Image.fromarray(a, "F")).getpixel((0, 0)) == (0,) * 3
+    i32 = Image.fromarray(np.full((40, 25), 0xABCD, np.int32))
+    assert load_image(i32).getpixel((7, 30)) == (0xABCD // 257,) * 3
+
+
+def test_jpeg_scans_are_counted_from_the_markers():
+    """Segments are skipped by their length: a JPEG thumbnail inside EXIF, fill bytes and restart
+    markers do not count; each repeated scan does."""
+    from itemrt.bench.hostile import scan_bomb_jpeg
+    from itemrt.images import jpeg_scans
+
+    photo = _photo(96, 64)
+    assert jpeg_scans(_encode(photo, "JPEG")) == 1
+    assert jpeg_scans(_encode(photo, "JPEG", progressive=True)) == 10  # libjpeg's progression for YCbCr
+    assert jpeg_scans(_encode(photo, "JPEG", restart_marker_blocks=1)) == 1
+    assert jpeg_scans(scan_bomb_jpeg(96, 64, 300)) == 300
+    thumb = _encode(_photo(16, 16), "JPEG", progressive=True)  # 10 scans of its own, inside APP1
+    exif = b"Exif\0\0" + thumb
+    with_thumb = bytearray(_encode(photo, "JPEG"))
+    with_thumb[2:2] = b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif
+    assert jpeg_scans(bytes(with_thumb)) == 1
+    base = _encode(photo, "JPEG", progressive=True)
+    sos = base.index(b"\xff\xda")
+    assert jpeg_scans(base[:sos] + b"\xff\xff\xff" + base[sos:]) == 10  # fill bytes before a marker
+    assert jpeg_scans(b"not a jpeg") == 0 and jpeg_scans(base[: sos + 3]) == 0  # cut inside a header
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding():
+    """A 2000 x 2000 progressive JPEG with one scan repeated 2,000 times took 10 s to decode
+    (issue 21); it is refused from its markers, before anything is held or decoded."""
+    from itemrt import ImageTooComplexError
+    from itemrt.bench.hostile import scan_bomb_jpeg
+
+    held = []
+
+    @contextlib.contextmanager
+    def hold(pixels):
+        held.append(pixels)
+        yield
+
+    with pytest.raises(ImageTooComplexError, match="2000 scans") as e:
+        load_image(scan_bomb_jpeg(2000, 2000, 2000), hold=hold)
+    assert e.value.code == "image_too_complex" and isinstance(e.value, ImageTooLargeError) and held == []
+    # both limits are the caller's: scans, and scans x pixels
+    ten = _encode(_photo(96, 64), "JPEG", progressive=True)
+    assert load_image(ten).size == (96, 64)
+    with pytest.raises(ImageTooComplexError):
+        load_image(ten, ImageLimits(max_jpeg_scans=9))
+    with pytest.raises(ImageTooComplexError):
+        load_image(ten, ImageLimits(max_scan_pixels=96 * 64 * 10 - 1))
+    assert load_image(ten, ImageLimits(max_scan_pixels=96 * 64 * 10)).size == (96, 64)
+
+
+def test_mutated_jpegs_never_break_the_scan_count():
+    """Seeded and bounded: the marker walk ends, and decoding gives an image or a typed error."""
+    from itemrt.images import jpeg_scans
+
+    rng = np.random.default_rng(21)
+    seeds = [_encode(_photo(48, 32), "JPEG", progressive=p, quality=q) for p in (True, False) for q in (30, 95)]
+    for i in range(1500):
+        data = bytearray(seeds[i % len(seeds)])
+        for _ in range(int(rng.integers(1, 6))):
+            at = int(rng.integers(0, len(data)))
+            choice = int(rng.integers(0, 3))
+            if choice == 0:
+                data[at] = int(rng.integers(0, 256))
+            elif choice == 1:
+                data[at:at] = rng.choice([b"\xff\xda", b"\xff\xd9", b"\xff", b"\xff\x00", b"\xff\xd0"])
+            else:
+                del data[at : at + int(rng.integers(1, 64))]
+        assert 0 <= jpeg_scans(bytes(data)) <= len(data)
+        try:
+            load_image(bytes(data))
+        except ImageError:
+            pass
+
+
 def test_exif_orientation_applied():
     img = _photo(64, 48)
     exif = Image.Exif()
@@ -242,8 +354,10 @@ def test_mutated_images_give_typed_errors_only():
 
 
 def test_hold_is_entered_with_the_claimed_pixels_before_decoding():
-    """item serve's pixel budget: load_image enters `hold` with what the header claims, and
-    nothing is decoded before it is entered or once the claim is over the limits."""
+    """item serve's pixel budget: load_image enters `hold` with what the header claims, weighed
+    by what its format costs to decode, and nothing is decoded before it is entered or once the
+    claim is over the limits."""
+    from itemrt.images import DECODE_BYTES, decode_cost
     from contextlib import contextmanager
 
     held = []
@@ -254,12 +368,15 @@ def test_hold_is_entered_with_the_claimed_pixels_before_decoding():
         yield
 
     assert load_image(_encode(_photo(64, 48), "JPEG"), hold=hold).size == (64, 48)
-    assert held == [64 * 48]
+    assert held == [decode_cost("JPEG", (64, 48))] == [math.ceil(64 * 48 * DECODE_BYTES["JPEG"] / 12)]
+    assert load_image(_encode(_photo(64, 48), "WEBP"), hold=hold).size == (64, 48)
+    assert held[1] > held[0]  # WebP decodes through a second buffer: it weighs more
+    held.clear()
     with pytest.raises(ImageTooLargeError):
         load_image(_png_claiming(30_000, 10), hold=hold)
     with pytest.raises(UnsupportedImageError):
         load_image(b"not an image", hold=hold)
-    assert held == [64 * 48]  # refused from the header: nothing held, nothing decoded
+    assert held == []  # refused from the header: nothing held, nothing decoded
 
 
 def test_inputs_agree():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from itemrt.export.models import image_spec
@@ -31,3 +34,62 @@ def test_matches_processor(name, hw):
     (got,) = preprocess([([img], image_spec(ip))])
     assert got.shape == ref.shape and got.dtype == np.float32
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("name", "hw"), [("clip-l14", (6, 380)), ("clip-l14", (380, 6)), ("clip-l14", (1, 64)),
+                                          ("clip-small", (3, 190)), ("clip-small", (190, 3)), ("clip-small", (1, 1))])
+def test_thin_images_within_the_exact_bound_match_the_processor(name, hw):
+    """Up to EXACT_RESIZE_CROPS crops' worth of pixels the whole resize is done, as the reference
+    does: bit for bit, on noise (where any difference in rounding shows)."""
+    ip = PROCESSORS[name]
+    img = Image.fromarray(np.random.default_rng(sum(hw)).integers(0, 256, (*hw, 3), dtype=np.uint8))
+    ref = ip(img, return_tensors="np")["pixel_values"]
+    (got,) = preprocess([([img], image_spec(ip))])
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+
+
+def test_thinner_images_resample_only_the_crop_and_stay_close_to_the_processor(samples):
+    """Past the bound only the kept region is resampled (issue 21: 1 x 20000 px took 95 s and
+    9.6 GB). Pillow may order its two passes differently for a region and rounds its box to
+    float32: on photo strips of aspect 65:1 to 3000:1, within 3 grey levels anywhere and 0.1 of
+    a level on average (measured: 2 and 0.03)."""
+    from itemrt.preprocess import EXACT_RESIZE_CROPS
+
+    ip, spec = PROCESSORS["clip-l14"], image_spec(PROCESSORS["clip-l14"])
+    level = 1 / 255 / min(ip.image_std)  # one grey level, normalized
+    rng = np.random.default_rng(21)
+    photos = [Image.open(p).convert("RGB") for p in samples]
+    worst, means = 0.0, []
+    for i in range(24):
+        photo = photos[i % len(photos)]
+        photo = photo.resize((photo.width * 4, photo.height * 4), Image.Resampling.BICUBIC)
+        t = int(rng.integers(1, 9))
+        n = int(rng.integers(EXACT_RESIZE_CROPS * t + t, 3000))
+        box = (100, 0, 100 + t, photo.height) if i % 2 else (0, 100, photo.width, 100 + t)
+        img = photo.resize((t, n) if i % 2 else (n, t), Image.Resampling.BICUBIC, box=box)
+        ref = ip(img, return_tensors="np")["pixel_values"]
+        (got,) = preprocess([([img], spec)])
+        d = np.abs(got - ref) / level
+        worst, means = max(worst, float(d.max())), [*means, float(d.mean())]
+    assert worst <= 3 and np.mean(means) <= 0.1
+
+
+def test_a_thin_image_costs_what_a_square_one_does(tmp_path):
+    """Peak RSS of preprocessing 1 x 20000 and 20000 x 1 px for CLIP 224, in a fresh process:
+    megabytes, not the 9.6 GB of resizing to 224 x 4,480,000 px first."""
+    script = (
+        "import resource, sys\n"
+        "from PIL import Image\n"
+        "from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil\n"
+        "from itemrt.export.models import image_spec\n"
+        "from itemrt.preprocess import preprocess\n"
+        "spec = image_spec(CLIPImageProcessorPil())\n"
+        "preprocess([([Image.new('RGB', (8, 8))], spec)])\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "for size in [(1, 20000), (20000, 1), (3, 20000)]:\n"
+        "    (x,) = preprocess([([Image.new('RGB', size, (40, 90, 160))], spec)])\n"
+        "    assert x.shape == (1, 3, 224, 224)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    assert int(out.stdout.strip()) < 100  # MB over the warm process
