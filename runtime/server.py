@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import os
 import sys
 import threading
@@ -55,19 +56,29 @@ class ServeConfig:
 
 class PixelBudget:
     """At most `limit` pixels being decoded at once, across the server's decoding threads
-    (`load_image`'s hold). Without it, 8 concurrent 64 MP PNGs of 265 KB each took the server to
-    a 9.1-10.4 GB peak RSS (`python -m itemrt.bench.decode_memory`). An image larger than the
-    whole budget still runs, alone."""
+    (`load_image`'s hold, weighed by format: images.decode_cost). Without it, 8 concurrent 64 MP
+    PNGs of 265 KB each took the server to a 9.1-10.4 GB peak RSS
+    (`python -m itemrt.bench.decode_memory`). An image larger than the whole budget still runs,
+    alone."""
 
     def __init__(self, limit: int):
-        self.limit, self.used = limit, 0
+        self.limit, self.used, self.waiting = limit, 0, 0
         self._cond = threading.Condition()
+
+    @property
+    def exhausted(self) -> bool:
+        """A decode is waiting for room: a new image would wait too (/readyz says not ready)."""
+        return self.waiting > 0
 
     @contextmanager
     def hold(self, pixels: int):
         pixels = min(pixels, self.limit)
         with self._cond:
-            self._cond.wait_for(lambda: self.used + pixels <= self.limit)
+            self.waiting += 1
+            try:
+                self._cond.wait_for(lambda: self.used + pixels <= self.limit)
+            finally:
+                self.waiting -= 1
             self.used += pixels
         try:
             yield
@@ -129,8 +140,10 @@ def create_app(cfg: ServeConfig):
     from .runtime import Runtime
 
     metrics = Metrics()
-    answered: Counter[str] = Counter()  # detect requests a handler took, by the status it answered
-    state: dict = {"ready": False, "uploading": 0}
+    # detect requests a handler took, by the status it answered; "cancelled": cut by a shutdown
+    # past its grace period, so no client got an answer
+    answered: Counter[str] = Counter()
+    state: dict = {"ready": False, "uploading": 0, "draining": False}
     metrics.uploads.set_function(lambda: state["uploading"])
     limits = DEFAULT_LIMITS
 
@@ -164,9 +177,17 @@ def create_app(cfg: ServeConfig):
             print(f"item serve: stopped; answered detect requests by status {json.dumps(dict(answered))}",
                   file=sys.stderr, flush=True)
 
+    def drain() -> None:
+        """SIGTERM: /readyz turns 503 at once and every answer from now on says Connection: close,
+        so a kept-alive client sends its next request elsewhere instead of into a closing socket."""
+        state["draining"] = True
+
+    def closing(headers: dict | None = None) -> dict:
+        return {**(headers or {}), "Connection": "close"} if state["draining"] else (headers or {})
+
     def error(e: HTTPError) -> JSONResponse:
         metrics.errors.labels(e.code).inc()
-        return JSONResponse({"error": e.code, "message": str(e)}, status_code=e.status, headers=e.headers)
+        return JSONResponse({"error": e.code, "message": str(e)}, status_code=e.status, headers=closing(e.headers))
 
     def authorize(request: Request) -> None:
         if cfg.token is None:
@@ -215,10 +236,14 @@ def create_app(cfg: ServeConfig):
                 return {"type": "http.request", "body": body, "more_body": False}
 
             try:
-                form = await Request(request.scope, replay).form(max_files=cfg.max_batch_images + 1,
+                form = await Request(request.scope, replay).form(max_files=cfg.max_batch_images,
                                                                  max_fields=16)
             except Exception as e:  # noqa: BLE001 - starlette raises its own types for malformed multipart
-                raise HTTPError(400, "bad_multipart", f"could not parse the multipart body: {e}") from None
+                why = str(getattr(e, "detail", e))
+                if why.startswith("Too many files"):  # one cause, one answer, however many files
+                    raise HTTPError(413, "too_many_images", f"over {cfg.max_batch_images} images; limit "
+                                    f"{cfg.max_batch_images}") from None
+                raise HTTPError(400, "bad_multipart", f"could not parse the multipart body: {why}") from None
             files = [v for _, v in form.multi_items() if hasattr(v, "read")]
             blobs = [await f.read() for f in files]
             await form.close()
@@ -259,7 +284,7 @@ def create_app(cfg: ServeConfig):
     async def detect(request: Request, many: bool):
         endpoint = "/v1/detect/batch" if many else "/v1/detect"
         t0 = time.perf_counter()
-        status = 500
+        status: int | str = 500
         try:
             authorize(request)
             if not state["ready"]:
@@ -268,10 +293,14 @@ def create_app(cfg: ServeConfig):
             batcher: Batcher = state["batcher"]
             try:
                 with batcher.admit(len(blobs)) as places:
-                    images = await run_in_threadpool(decode, blobs)
-                    fut = asyncio.wrap_future(batcher.submit(images, places))
+                    # One deadline from admission, decoding included. A decode that runs past it
+                    # is abandoned, not stopped (a thread cannot be): the image limits bound what
+                    # it can still cost, and its pixels stay in the budget until it ends.
+                    deadline = time.monotonic() + cfg.timeout_s
                     try:
-                        results = await asyncio.wait_for(fut, cfg.timeout_s)
+                        images = await asyncio.wait_for(run_in_threadpool(decode, blobs), cfg.timeout_s)
+                        fut = asyncio.wrap_future(batcher.submit(images, places))
+                        results = await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
                     except asyncio.TimeoutError:
                         raise HTTPError(504, "timeout", f"no answer within {cfg.timeout_s} s") from None
             except QueueFull as e:
@@ -279,7 +308,10 @@ def create_app(cfg: ServeConfig):
             info = bundle_info()
             body = [{**r.to_dict(), "bundle": info} for r in results]
             status = 200
-            return JSONResponse({"results": body} if many else body[0])
+            return JSONResponse({"results": body} if many else body[0], headers=closing())
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
         except HTTPError as e:
             status = e.status
             return error(e)
@@ -304,9 +336,17 @@ def create_app(cfg: ServeConfig):
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request):
-        if state["ready"]:
+        # Not ready while draining, and while decodes wait for room in the decode budget: a load
+        # balancer then sends the next images to a replica that can start on them now.
+        if state["draining"]:
+            why = "draining"
+        elif budget.exhausted:
+            why = "decode budget exhausted"
+        elif not state["ready"]:
+            why = "loading"
+        else:
             return JSONResponse({"status": "ready", "bundle": bundle_info()})
-        return JSONResponse({"status": "not ready"}, status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse({"status": "not ready", "reason": why}, status_code=503, headers=closing({"Retry-After": "1"}))
 
     async def metrics_endpoint(request: Request):
         try:
@@ -341,6 +381,7 @@ def create_app(cfg: ServeConfig):
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.metrics = metrics  # for the protocol's header deadline (serve)
+    app.state.drain = drain  # called by serve() on SIGTERM / SIGINT, before uvicorn's own shutdown
     return app
 
 
@@ -476,5 +517,14 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8080, log_level
 
     app = create_app(cfg)
     protocol = gateway_protocol(cfg.header_timeout_s, app.state.metrics.errors.labels("header_timeout").inc)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, http=protocol,
-                timeout_graceful_shutdown=int(cfg.timeout_s) + 5)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app.state.drain()
+            super().handle_exit(sig, frame)
+
+    # Grace: the longest a request admitted before the signal can take (its upload, then its
+    # deadline), so that no answer a client waits for is cut.
+    grace = math.ceil(cfg.upload_timeout_s + cfg.timeout_s) + 5
+    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol,
+                          timeout_graceful_shutdown=grace)).run()

@@ -425,10 +425,108 @@ def test_sigterm_under_load_loses_no_accepted_request(tiny_bundle, samples):
     assert results.count(200) >= 6 and len(results) == 72
 
 
-def test_too_many_images_in_a_batch(server):
-    body, h = _multipart([("images", b"x")] * 17)
+@pytest.mark.parametrize("n", [17, 18, 40])
+def test_too_many_images_in_a_batch(server, n):
+    """One cause, one answer: 17 files got 413 and 18 or more a 400 bad_multipart (issue 21)."""
+    body, h = _multipart([("images", b"x")] * n)
     status, r = _post(server, body, h["content-type"], "/v1/detect/batch")
-    assert status == 413 and r["error"] == "too_many_images"
+    assert status == 413 and r["error"] == "too_many_images", r
+
+
+def test_the_budget_says_when_it_is_exhausted():
+    """A decode waiting for room makes the budget exhausted (item serve's /readyz turns 503)."""
+    from itemrt.server import PixelBudget
+
+    budget, first_in, release = PixelBudget(100), threading.Event(), threading.Event()
+
+    def decode(pixels: int) -> None:
+        with budget.hold(pixels):
+            first_in.set()
+            release.wait(10)
+
+    threads = [threading.Thread(target=decode, args=(80,))]
+    threads[0].start()
+    first_in.wait(10)
+    assert not budget.exhausted  # full enough, but nobody waits
+    threads.append(threading.Thread(target=decode, args=(50,)))
+    threads[1].start()
+    deadline = time.monotonic() + 10
+    while not budget.exhausted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert budget.exhausted
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert not budget.exhausted and budget.used == 0
+
+
+def _png_bomb() -> bytes:
+    from itemrt.bench.hostile import pixel_bomb_png
+
+    return pixel_bomb_png(8000, 7999)  # 265 KB, 64 MP: a second or more to decode here
+
+
+def test_readyz_is_503_while_decodes_wait_and_the_deadline_covers_decoding(tiny_bundle, samples):
+    """Two 64 MP uploads on a budget with room for one: while the second waits, /readyz says not
+    ready (a load balancer sends elsewhere), and after them it is ready again. With a deadline
+    shorter than decoding, the answer is a 504 at the deadline, not after the decode (issue 21:
+    the timeout only started once decoding was done)."""
+    port = free_port()
+    proc = start_server(str(tiny_bundle), port, "--decode-budget-mp", "64", "--timeout-s", "30")
+    try:
+        bomb, statuses, reasons = _png_bomb(), [], set()
+        threads = [threading.Thread(target=lambda: statuses.append(_post(port, bomb, "image/png")[0]))
+                   for _ in range(2)]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            status, body = request(port, "GET", "/readyz", timeout=30)
+            if status == 503:
+                reasons.add(json.loads(body)["reason"])
+            time.sleep(0.02)
+        assert statuses == [200, 200] and reasons == {"decode budget exhausted"}
+        assert request(port, "GET", "/readyz")[0] == 200
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) in TERMINATED
+    port = free_port()
+    proc = start_server(str(tiny_bundle), port, "--timeout-s", "0.2")
+    try:
+        t = time.monotonic()
+        status, r = _post(port, bomb, "image/png")
+        assert status == 504 and r["error"] == "timeout", r
+        assert time.monotonic() - t < 0.2 + 0.9  # at the deadline, not after the decode
+        assert _post(port, samples[0].read_bytes())[0] == 200  # and the server goes on
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) in TERMINATED
+
+
+def test_answers_during_a_drain_say_connection_close(tiny_bundle, samples):
+    """A kept-alive client whose request is answered after SIGTERM is told to close, so it does
+    not send its next request into a closing connection (issue 21); the exit line counts what the
+    client received."""
+    import http.client
+
+    port = free_port()
+    proc = start_server(str(tiny_bundle), port)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("POST", "/v1/detect", samples[0].read_bytes(), {"content-type": "image/jpeg"})
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 200 and first.getheader("connection") is None  # kept alive
+        conn.request("POST", "/v1/detect", _png_bomb(), {"content-type": "image/png"})
+        time.sleep(0.3)  # decoding
+        os.kill(proc.pid, signal.SIGTERM)
+        second = conn.getresponse()
+        second.read()
+        assert second.status == 200 and second.getheader("connection") == "close"
+    finally:
+        conn.close()
+    assert proc.wait(timeout=120) in TERMINATED
+    answered = json.loads(re.search(r"answered detect requests by status (\{.*\})", server_log(proc)).group(1))
+    assert answered == {"200": 2}
 
 
 def test_a_batch_request_runs_in_passes_of_max_batch(tiny_bundle, samples):
