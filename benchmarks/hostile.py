@@ -38,10 +38,10 @@ def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
-def _texture(w: int, h: int, seed: int = 0) -> Image.Image:
+def _texture(w: int, h: int, seed: int = 0, cell: int = 16) -> Image.Image:
     """A smooth random RGB image (compresses like a photo, not like noise)."""
     rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (max(1, h // 16), max(1, w // 16), 3), dtype=np.uint8)
+    small = rng.integers(0, 256, (max(1, h // cell), max(1, w // cell), 3), dtype=np.uint8)
     return Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR)
 
 
@@ -63,7 +63,7 @@ def scan_bomb_jpeg(w: int, h: int, scans: int) -> bytes:
 
 def high_depth(w: int, h: int, mode: str, fmt: str = "TIFF") -> bytes:
     """A float, int32 or 16-bit image: compressed small, several bytes a pixel once decoded."""
-    g = np.asarray(_texture(w, h).convert("L"))
+    g = np.asarray(_texture(w, h, cell=400).convert("L"))  # smooth: a few MB at 64 MP, under upload limits
     arr = {"F": lambda: g.astype(np.float32) / 255, "I": lambda: g.astype(np.int32) * 257,
            "I;16": lambda: g.astype(np.uint16) * 257}[mode]()
     return _encode(Image.fromarray(arr), fmt, **({"compression": "tiff_deflate"} if fmt == "TIFF" else {}))
@@ -87,7 +87,7 @@ HOSTILE: dict[str, Callable[[], bytes]] = {
     "RGBA PNG 8000x7999": lambda: pixel_bomb_png(8000, 7999),
 }
 SERVER_INPUTS = ("thin 1x20000 PNG", "progressive 8000x8000, 5000 scans", "float TIFF 8000x8000",
-                 "RGBA PNG 8000x7999")
+                 "16-bit PNG 8000x8000", "RGBA PNG 8000x7999")
 
 
 def _status(key: str) -> int:
