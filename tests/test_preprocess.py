@@ -93,3 +93,25 @@ def test_a_thin_image_costs_what_a_square_one_does(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
     assert int(out.stdout.strip()) < 100  # MB over the warm process
+
+
+def test_seeded_sizes_from_one_pixel_to_thin_strips():
+    """Seeded and bounded, over both paths and a crop larger than the resize (zero padding):
+    the processor's pixels wherever the whole resize is within the exact bound, and the right
+    shape and value range everywhere."""
+    from itemrt.preprocess import EXACT_RESIZE_CROPS
+
+    padded = CLIPImageProcessorPil(size={"shortest_edge": 20}, crop_size={"height": 32, "width": 24})
+    rng = np.random.default_rng(2111)
+    for i in range(80):
+        ip = (PROCESSORS["clip-small"], padded)[i % 2]
+        spec = image_spec(ip)
+        short, long = int(rng.integers(1, 12)), int(rng.integers(1, 2500))
+        hw = (short, long) if i % 4 < 2 else (long, short)
+        img = Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8))
+        (got,) = preprocess([([img], spec)])
+        assert got.shape == (1, 3, *spec.out_size) and np.isfinite(got).all()
+        s = spec.shortest_edge
+        resized = s * s * max(hw) // min(hw)
+        if resized <= EXACT_RESIZE_CROPS * spec.crop_height * spec.crop_width:
+            np.testing.assert_allclose(got, ip(img, return_tensors="np")["pixel_values"], atol=1e-5, rtol=0)
