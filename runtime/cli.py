@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-wait-ms", type=number(0), default=10.0)
     s.add_argument("--max-in-flight", type=COUNT, default=32, help="images admitted at once; beyond: 429")
     s.add_argument("--decode-budget-mp", type=number(1), default=128,
-                   help="megapixels being decoded at once, all requests together (bounds decoding memory)")
+                   help="megapixels being decoded at once, all requests together (bounds decoding memory); "
+                        "a pixel of a format that costs more to decode (WebP, AVIF) weighs more")
     s.add_argument("--timeout-s", type=SECONDS, default=60.0)
     s.add_argument("--max-upload-mb", type=number(0, low_open=True), default=20.0)
     s.add_argument("--max-uploads", type=COUNT, default=32,

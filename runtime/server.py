@@ -47,8 +47,9 @@ class ServeConfig:
     upload_timeout_s: float = 30.0  # to receive one body; beyond: 408 (a trickling client holds no slot)
     header_timeout_s: float = 20.0  # to receive a request's line and headers; beyond: 408, connection closed
     max_batch_images: int = 16  # files in one /v1/detect/batch request
-    # Pixels being decoded at once, all requests together: a 265 KB PNG can claim 64 MP, and
-    # decoding it to RGB peaks near 12 bytes a pixel. Default: two of the largest images accepted.
+    # Pixels being decoded at once, all requests together: a 265 KB PNG can claim 64 MP. Counted
+    # in pixels of images.DECODE_BYTES_REF bytes, each format weighed by its decoding peak.
+    # Default: two of the largest images accepted.
     decode_budget_pixels: int = 2 * DEFAULT_LIMITS.max_pixels
     token: str | None = None  # bearer token for everything but /healthz and /readyz
     retry_after_s: int = 1
