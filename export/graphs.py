@@ -59,7 +59,7 @@ class BlipDecoderStep(nn.Module):
 
     Cross K/V come in per layer because slicing a stacked (L, B, H, S, Dh) input copies it:
     ONNX Runtime's Split of BLIP base's 2 x 21 MB was 10-11% of the decoder's time (item-bench's
-    op profile at full size on this project's Xeon, README "Speed"). The runtime passes views of the stacked tensors
+    op profile at full size on this project's Xeon, docs/performance.md). The runtime passes views of the stacked tensors
     that the cross-K/V graph returns, so nothing is copied.
 
     A step is ~50 small nodes a layer, and each costs ONNX Runtime a few microseconds beyond its

@@ -3,7 +3,7 @@
 INT8 is dynamic quantization of the weight matmuls: weights int8 per output channel,
 activations uint8 per call, so no calibration data is needed. On CPUs with VNNI or AMX the
 matmuls run on the integer units (item-bench at full size on this project's Xeon: CLIP image
-4.0x, cross K/V 4.0x, CLIP text 2.8x faster than FP32; README "Speed", full-cpu4.json). Attention's
+4.0x, cross K/V 4.0x, CLIP text 2.8x faster than FP32; docs/performance.md, full-cpu4.json). Attention's
 activation-by-activation matmuls, LayerNorm and softmax stay FP32.
 
 FP16 puts the precision in the graph itself (DESIGN.md section 5): weights and activations
@@ -32,7 +32,7 @@ BF16_PARTS = tuple(p for p in VARIANT_PARTS if p != "captioner_decoder")
 
 # Precision "mixed" (CPUs with AMX): per graph, the first of these whose chain gate took it.
 # INT8 first: where both passed, INT8 ran faster at full size on this project's Xeon (item-bench,
-# README "Speed", full-cpu4.json: CLIP image 1283 against 1582 ms, CLIP text 37 against 53, cross K/V
+# docs/performance.md, full-cpu4.json: CLIP image 1283 against 1582 ms, CLIP text 37 against 53, cross K/V
 # 27 against 44). BF16 then adds the graphs that INT8's gates refused (there: the detector's image side).
 MIXED_ORDER = ("int8", "bf16")
 MIXED = {

@@ -3,7 +3,7 @@
 ONNX Runtime's CPU provider has no BF16 matmuls on x86; OpenVINO runs an FP32 ONNX graph with
 BF16 weights and activations on the AMX tiles when asked to (`INFERENCE_PRECISION_HINT`).
 On this project's 2-core Xeon that made the detector and CLIP image about 3x faster than
-ONNX Runtime FP32 (README "Speed"). No new file: the bf16 "variant" of a graph is its FP32
+ONNX Runtime FP32 (docs/performance.md, "Speed: measured"). No new file: the bf16 "variant" of a graph is its FP32
 graph plus this setting, gated like any other variant at export. The decoder, whose K/V cache
 grows every step, is not a candidate: OpenVINO timed 2.5x slower than ONNX Runtime there.
 """

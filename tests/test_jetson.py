@@ -1,4 +1,4 @@
-"""Jetson installs what the README says: the lean runtime, the gateway's serve extra and the
+"""Jetson installs what docs/gpu.md says: the lean runtime, the gateway's serve extra and the
 CUDA bindings of its Jetson steps all come as wheels for aarch64 CPython 3.10 (JetPack 6,
 Ubuntu 22.04, glibc 2.35), so nothing x86-only or needing a compiler on the board creeps in.
 pip resolves them for that platform here, from the package index, without installing."""
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "gpu.md"  # the Jetson steps, moved out of README.md
 # pip takes the exact platform tags it is given; JetPack 6's glibc 2.35 runs every manylinux
 # tag up to 2_35.
 PLATFORMS = ["manylinux2014_aarch64"] + [f"manylinux_2_{minor}_aarch64" for minor in range(17, 36)]

@@ -1,6 +1,6 @@
-"""The README's commands stay true: every `item` and `item-bench` line in its shell blocks
-parses with the real command-line parsers (usage lines: once without their [optional]
-parts, once with each option's first alternative)."""
+"""The README's and docs/*.md's commands stay true: every `item` and `item-bench` line in their
+shell blocks parses with the real command-line parsers (usage lines: once without their
+[optional] parts, once with each option's first alternative)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,16 @@ import pytest
 from itemrt.bench.cli import build_parser as bench_parser
 from itemrt.cli import build_parser as item_parser
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]  # the README and every docs page
 PARSERS = {"item": item_parser, "item-bench": bench_parser}
 
 
-def readme_commands() -> list[str]:
+def readme_commands(page: Path = README) -> list[str]:
     """`item ...` / `item-bench ...` commands of the bash blocks and of systemd units'
     ExecStart lines (continuations joined, comments cut, pipelines and `&&` chains split), and inline `item ...` spans in the prose that carry arguments (not bare names)."""
-    text = README.read_text()
+    text = page.read_text()
     out = []
     blocks = re.findall(r"```bash\n(.*?)```", text, re.DOTALL)
     blocks += [line.split("=", 1)[1] for block in re.findall(r"```ini\n(.*?)```", text, re.DOTALL)
@@ -46,18 +48,20 @@ def variants(line: str) -> list[str]:
     return [bare, full]
 
 
-COMMANDS = readme_commands()
+PAGE_COMMANDS = [(page.relative_to(ROOT).as_posix(), line) for page in PAGES for line in readme_commands(page)]
+COMMANDS = list(dict.fromkeys(line for _, line in PAGE_COMMANDS))  # the union over the pages
 
 
 def test_the_readme_has_commands():
     assert len(COMMANDS) >= 20 and any(c.startswith("item-bench") for c in COMMANDS)
+    assert len(PAGES) > 1 and readme_commands(README), "docs/ moved away, or the README lost its commands"
 
 
-@pytest.mark.parametrize("line", COMMANDS)
-def test_readme_command_parses(line):
+@pytest.mark.parametrize(("page", "line"), PAGE_COMMANDS)
+def test_readme_command_parses(page, line):
     for cmd in variants(line):
         prog, *argv = shlex.split(cmd)
         try:
             PARSERS[prog]().parse_args(argv)
         except SystemExit as e:
-            pytest.fail(f"README command does not parse ({e.code}): {cmd}")
+            pytest.fail(f"{page}: command does not parse ({e.code}): {cmd}")
