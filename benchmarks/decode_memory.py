@@ -10,19 +10,14 @@ Flags it does not know go to `item serve`.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import threading
 import time
 
 from itemrt.argtypes import COUNT
 
+from .hostile import pixel_bomb_png, rss_mb
 from .load import free_port, request, start_server
-
-
-def _peak_rss_mb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) // 1024
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,14 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("bundle")
     p.add_argument("--requests", type=COUNT, default=8, help="sent at once")
     args, serve_args = p.parse_known_args(argv)
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGBA", (8000, 7999), (10, 20, 30, 128)).save(buf, "PNG")
-    png = buf.getvalue()
+    png = pixel_bomb_png(8000, 7999)
     proc = start_server(args.bundle, port := free_port(), *serve_args)
     try:
-        before, statuses = _peak_rss_mb(proc.pid), []
+        before, statuses = rss_mb(pid=proc.pid), []
 
         def post() -> None:
             statuses.append(request(port, "POST", "/v1/detect", png, {"content-type": "image/png"}, timeout=600)[0])
@@ -51,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             t.join()
         wall = time.monotonic() - start
         print(f"{args.requests} x {len(png) / 1e3:.0f} KB PNG (8000x7999 RGBA): statuses {sorted(statuses)}, "
-              f"{wall:.1f} s, server peak RSS {before} MB before, {_peak_rss_mb(proc.pid)} MB after")
+              f"{wall:.1f} s, server peak RSS {before} MB before, {rss_mb(pid=proc.pid)} MB after")
     finally:
         proc.terminate()
         proc.wait(timeout=120)

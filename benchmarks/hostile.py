@@ -90,9 +90,21 @@ SERVER_INPUTS = ("thin 1x20000 PNG", "progressive 8000x8000, 5000 scans", "float
                  "16-bit PNG 8000x8000", "RGBA PNG 8000x7999")
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
+def rss_mb(key: str = "VmHWM", pid: int | str = "self") -> int:
+    """A process's peak (VmHWM) or current (VmRSS) resident memory in MB; Linux."""
+    with open(f"/proc/{pid}/status") as f:
         return int(next(line for line in f if line.startswith(key)).split()[1]) // 1024
+
+
+def _measured(fn: Callable[[], object]) -> tuple[object, dict]:
+    """fn()'s result, and its wall time and this process's peak RSS while it ran (the peak is
+    reset first: Linux 4.0+), with the RSS before."""
+    before = rss_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    t = time.perf_counter()
+    out = fn()
+    return out, {"wall_s": time.perf_counter() - t, "rss_before_mb": before, "peak_rss_mb": rss_mb()}
 
 
 def _full_specs():
@@ -113,18 +125,17 @@ def _one(name: str) -> dict:
 
     data, specs = HOSTILE[name](), _full_specs()
     preprocess([([Image.new("RGB", (64, 48))], s) for s in specs])  # warm: first calls allocate
-    before = _status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:  # peak RSS from here (Linux 4.0+)
-        f.write("5")
-    t = time.perf_counter()
-    try:
-        img = load_image(data)
-        preprocess([([img], s) for s in specs])
-        outcome = f"ok {img.size[0]}x{img.size[1]}"
-    except ImageError as e:
-        outcome = e.code
-    return {"input": name, "bytes": len(data), "outcome": outcome, "wall_s": time.perf_counter() - t,
-            "rss_before_mb": before, "peak_rss_mb": _status("VmHWM")}
+
+    def run() -> str:
+        try:
+            img = load_image(data)
+            preprocess([([img], s) for s in specs])
+            return f"ok {img.size[0]}x{img.size[1]}"
+        except ImageError as e:
+            return e.code
+
+    outcome, cost = _measured(run)
+    return {"input": name, "bytes": len(data), "outcome": outcome, **cost}
 
 
 def _inputs_table(names: list[str]) -> None:
@@ -214,11 +225,8 @@ def _mode_one(mode: str, fmt: str) -> dict:
     from itemrt.images import load_image
 
     data = _mode_input(mode, fmt)
-    before = _status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    img = load_image(data)
-    return {"bytes_per_pixel": (_status("VmHWM") - before) * 2**20 / (img.size[0] * img.size[1])}
+    img, cost = _measured(lambda: load_image(data))
+    return {"bytes_per_pixel": (cost["peak_rss_mb"] - cost["rss_before_mb"]) * 2**20 / (img.size[0] * img.size[1])}
 
 
 def _modes_table() -> None:

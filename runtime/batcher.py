@@ -15,7 +15,6 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -134,36 +133,34 @@ class Batcher:
     def _run(self, batch: list[Job]) -> None:
         with self._lock:
             self.queued -= sum(len(j.images) for j in batch)
-        places = sum(j.places for j in batch)
         try:
-            answers = self._detect(batch)
-        except BaseException:
-            self._release(places)
-            raise
-        # Places come back before any caller hears its answer: a caller that sends its next
-        # request as soon as it has one must find its place free (8 waiting clients with
-        # --max-in-flight 8 got 99 429s in 2,267 requests when the answers went out first).
-        self._release(places)
-        for job, settle in answers:
-            settle(job.future)
+            live, outcome = self._detect(batch)
+        finally:
+            # Places come back before any caller hears its answer: a caller that sends its next
+            # request as soon as it has one must find its place free (8 waiting clients with
+            # --max-in-flight 8 got 99 429s in 2,267 requests when the answers went out first).
+            self._release(sum(j.places for j in batch))
+        i = 0
+        for j in live:
+            if isinstance(outcome, BaseException):
+                j.future.set_exception(outcome)
+            else:
+                j.future.set_result(outcome[i : i + len(j.images)])
+                i += len(j.images)
 
-    def _detect(self, batch: list[Job]) -> list[tuple[Job, Callable[[Future], None]]]:
-        """Run the live jobs as one batch; what to settle each job's future with."""
+    def _detect(self, batch: list[Job]) -> tuple[list[Job], list | BaseException]:
+        """The jobs whose callers still wait, and their batch's results or what it raised."""
         live = [j for j in batch if j.future.set_running_or_notify_cancel()]
         if not live:
-            return []
+            return live, []
         images = [im for j in live for im in j.images]
         try:
             results = self.runtime.detect_batch(images)
         except BaseException as e:  # noqa: BLE001 - answer every caller, whatever happened
-            return [(j, lambda f, e=e: f.set_exception(e)) for j in live]
+            return live, e
         if self.on_batch is not None:
             try:
                 self.on_batch(len(images), results)
             except Exception:  # bookkeeping must never cost a caller its answer
                 log.exception("on_batch failed; the batch's answers go out regardless")
-        answers, i = [], 0
-        for j in live:
-            answers.append((j, lambda f, r=results[i : i + len(j.images)]: f.set_result(r)))
-            i += len(j.images)
-        return answers
+        return live, results

@@ -59,7 +59,7 @@ DEFAULT_LIMITS = ImageLimits()
 _HIGH_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 
 # Peak bytes a pixel while decoding to RGB, by format: the most over the modes each format
-# has, measured with `python -m itemrt.bench.hostile --modes` (docs in README, "Reliability").
+# has, measured with `python -m itemrt.bench.hostile --modes` (docs/reliability.md).
 # item serve's decode budget counts pixels of DECODE_BYTES_REF bytes each, so an AVIF weighs
 # more than a JPEG of the same size.
 DECODE_BYTES = {"JPEG": 9, "PNG": 10, "TIFF": 11, "BMP": 7, "PPM": 7, "GIF": 13, "WEBP": 17, "AVIF": 29}

@@ -113,7 +113,7 @@ def preprocess(
     """One float32 (N, 3, H, W) batch per (images, spec). With a pool, every image's resize is
     its own task: Pillow lets go of the GIL while resampling. In item-bench on a 12-megapixel
     JPEG on this project's 2-core Xeon, the three models' inputs took 170 ms side by side, where
-    two of them had taken 202 ms one after another (README, "Large photos")."""
+    two of them had taken 202 ms one after another (docs/performance.md, "Large photos")."""
     out = [np.empty((len(images), 3, *spec.out_size), np.float32) for images, spec in batches]
     tasks = [(img, spec, x[i]) for (images, spec), x in zip(batches, out) for i, img in enumerate(images)]
     if pool is None or len(tasks) < 2:

@@ -129,10 +129,28 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class CloseWhileDraining:
+    """ASGI middleware: from SIGTERM on, every answer says Connection: close, so a kept-alive
+    client sends its next request elsewhere instead of into a connection that is closing
+    (uvicorn closes it after the answer without saying so)."""
+
+    def __init__(self, app, draining):
+        self.app, self.draining = app, draining
+
+    async def __call__(self, scope, receive, send):
+        async def send_closing(message):
+            if message["type"] == "http.response.start" and self.draining():
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, send_closing if scope["type"] == "http" else send)
+
+
 def create_app(cfg: ServeConfig):
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
     from starlette.concurrency import run_in_threadpool
     from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse, Response
@@ -179,16 +197,12 @@ def create_app(cfg: ServeConfig):
                   file=sys.stderr, flush=True)
 
     def drain() -> None:
-        """SIGTERM: /readyz turns 503 at once and every answer from now on says Connection: close,
-        so a kept-alive client sends its next request elsewhere instead of into a closing socket."""
+        """SIGTERM: /readyz turns 503 at once and every answer from now on says Connection: close."""
         state["draining"] = True
-
-    def closing(headers: dict | None = None) -> dict:
-        return {**(headers or {}), "Connection": "close"} if state["draining"] else (headers or {})
 
     def error(e: HTTPError) -> JSONResponse:
         metrics.errors.labels(e.code).inc()
-        return JSONResponse({"error": e.code, "message": str(e)}, status_code=e.status, headers=closing(e.headers))
+        return JSONResponse({"error": e.code, "message": str(e)}, status_code=e.status, headers=e.headers)
 
     def authorize(request: Request) -> None:
         if cfg.token is None:
@@ -309,7 +323,7 @@ def create_app(cfg: ServeConfig):
             info = bundle_info()
             body = [{**r.to_dict(), "bundle": info} for r in results]
             status = 200
-            return JSONResponse({"results": body} if many else body[0], headers=closing())
+            return JSONResponse({"results": body} if many else body[0])
         except asyncio.CancelledError:
             status = "cancelled"
             raise
@@ -347,7 +361,7 @@ def create_app(cfg: ServeConfig):
             why = "loading"
         else:
             return JSONResponse({"status": "ready", "bundle": bundle_info()})
-        return JSONResponse({"status": "not ready", "reason": why}, status_code=503, headers=closing({"Retry-After": "1"}))
+        return JSONResponse({"status": "not ready", "reason": why}, status_code=503, headers={"Retry-After": "1"})
 
     async def metrics_endpoint(request: Request):
         try:
@@ -380,7 +394,8 @@ def create_app(cfg: ServeConfig):
         Route("/metrics", metrics_endpoint),
         Route("/v1/info", info),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    middleware=[Middleware(CloseWhileDraining, draining=lambda: state["draining"])])
     app.state.metrics = metrics  # for the protocol's header deadline (serve)
     app.state.drain = drain  # called by serve() on SIGTERM / SIGINT, before uvicorn's own shutdown
     return app

@@ -243,6 +243,39 @@ def _write_reason(target: Path, code: str, message: str) -> None:
 Signature = tuple[int, int]  # (size, mtime_ns)
 
 
+class Settling:
+    """Files waiting to be complete: each one's (size, mtime) at the last look and since when it
+    has looked so. One is complete once unchanged for `settle_s` by the monotonic clock, or, seen
+    unchanged at two looks, when its mtime is already that old (files there at start need not
+    wait again; an mtime ahead of the clock never counts). Only the files of the last look are
+    remembered."""
+
+    def __init__(self, settle_s: float):
+        self.settle_s = max(0.0, settle_s)
+        self._since: dict[str, tuple[Signature, float]] = {}
+
+    def look(self, files: list[tuple[str, os.stat_result]]) -> list[str]:
+        """The names among `files` that are complete now; the others in `files` are remembered."""
+        now, wall, since, out = time.monotonic(), time.time(), {}, []
+        for name, st in files:
+            sig, last = (st.st_size, st.st_mtime_ns), self._since.get(name)
+            same = last is not None and last[0] == sig
+            since[name] = (sig, last[1] if same else now)
+            if same and (now - last[1] >= self.settle_s or wall - st.st_mtime_ns / 1e9 >= self.settle_s):
+                out.append(name)
+        self._since = since
+        return out
+
+    def forget(self, name: str) -> None:
+        self._since.pop(name, None)
+
+    def __iter__(self):
+        return iter(self._since)
+
+    def __len__(self) -> int:
+        return len(self._since)
+
+
 class Watcher:
     def __init__(self, runtime, folder: str | Path, out: str | Path, *, quarantine: str | Path | None = None,
                  recursive: bool = False, interval_s: float = 1.0, settle_s: float = SETTLE_S,
@@ -257,14 +290,14 @@ class Watcher:
         self._quarantine_real = os.path.realpath(self.quarantine)  # never watched, even when inside
         self._folder_real = os.path.realpath(self.folder)
         self.recursive, self.interval_s, self.progress = recursive, interval_s, progress
-        self.settle_s, self.follow_links = max(0.0, settle_s), follow_links
+        self.follow_links = follow_links
         self._refused: set[str] = set()  # links out of the folder already reported, still there
         # A file's name is its path under the folder, "/"-separated: just the file name unless recursive.
-        self._seen: dict[str, tuple[Signature, float]] = {}  # name -> (signature, monotonic time first seen so)
+        self._seen = Settling(settle_s)  # files not answered yet, by name
         self._tries: dict[str, int] = {}  # key -> unexpected errors so far
         self._failing: set[str] = set()  # keys that failed unexpectedly since the last success
         self._quarantined: dict[str, str] = {}  # quarantined file still there -> the key it was moved with
-        self._q_seen: dict[str, tuple[Signature, float]] = {}  # those changed since: as _seen
+        self._q_seen = Settling(settle_s)  # those changed since their move, by path
         present = {file_key(name, st) for name, st in self._files()}
         with self.ledger.exclusive():  # no other watcher is moving files or writing lines meanwhile
             intent = self.journal.read()
@@ -327,31 +360,17 @@ class Watcher:
             self._refused.add(name)
         return False
 
-    def _settled(self, st: os.stat_result, since: float, now: float, wall: float) -> bool:
-        """Unchanged since `since` (it was, at an earlier look): for the settle time, by the
-        monotonic clock or by its mtime (a file already old when first seen need not wait again;
-        an mtime ahead of the clock never counts)."""
-        return now - since >= self.settle_s or wall - st.st_mtime_ns / 1e9 >= self.settle_s
-
     def _ready(self) -> list[Path]:
         """New files that are complete (see the docstring: the settle time), oldest first."""
-        out, seen, keyed = [], {}, [(name, st, file_key(name, st)) for name, st in self._files()]
-        now, wall = time.monotonic(), time.time()
+        keyed = [(name, st, file_key(name, st)) for name, st in self._files()]
         present = {k for _, _, k in keyed}
         # Remember only files still here as they are (see the docstring): a file moved away,
         # deleted or overwritten in place is forgotten.
         self.done &= present
         self._tries = {k: n for k, n in self._tries.items() if k in present}
-        for name, st, key in keyed:
-            if key in self.done:
-                continue
-            sig, last = (st.st_size, st.st_mtime_ns), self._seen.get(name)
-            same = last is not None and last[0] == sig
-            seen[name] = (sig, last[1] if same else now)
-            if same and self._settled(st, last[1], now, wall):
-                out.append((st.st_mtime_ns, name))
-        self._seen = seen  # only files still pending
-        return [self.folder / name for _, name in sorted(out)]
+        pending = [(name, st) for name, st, key in keyed if key not in self.done]
+        mtime = {name: st.st_mtime_ns for name, st in pending}
+        return [self.folder / name for name in sorted(self._seen.look(pending), key=lambda n: (mtime[n], n))]
 
     def process(self, path: Path) -> dict | None:
         """The file's ledger record; None when there is none yet: it went away before it was
@@ -360,12 +379,12 @@ class Watcher:
         try:
             key = file_key(name, path.stat())
             if path.is_symlink() and not self._link_ok(str(path), name):  # changed since the look
-                self._seen.pop(name, None)
+                self._seen.forget(name)
                 return None
             r = self.rt.detect(path)
             record = {"key": key, "path": str(path), "time": t, **r.to_dict()}
         except FileNotFoundError:  # ImageNotFoundError is one too
-            self._seen.pop(name, None)
+            self._seen.forget(name)
             self._say(f"{name}: gone before it was read; skipped")
             return None
         except ImageError as e:
@@ -462,24 +481,18 @@ class Watcher:
     def _retry_quarantined(self) -> None:
         """Quarantined files that changed since their move (the writer was not done) go back into
         the folder once stable, to be answered under their new key."""
-        now, wall, seen = time.monotonic(), time.time(), {}
+        changed = []
         for target, key in list(self._quarantined.items()):
             try:
                 st = os.stat(target)
             except OSError:  # removed or moved by hand: nothing to watch
                 del self._quarantined[target]
                 continue
-            name, size, mtime = key_parts(key)
-            sig = (st.st_size, st.st_mtime_ns)
-            if sig == (size, mtime):
-                continue
-            last = self._q_seen.get(target)
-            same = last is not None and last[0] == sig
-            seen[target] = (sig, last[1] if same else now)
-            if same and self._settled(st, last[1], now, wall):
-                del self._quarantined[target], seen[target]
-                self._put_back(Path(target), name)
-        self._q_seen = seen
+            if (st.st_size, st.st_mtime_ns) != key_parts(key)[1:]:
+                changed.append((target, st))
+        for target in self._q_seen.look(changed):
+            self._q_seen.forget(target)
+            self._put_back(Path(target), key_parts(self._quarantined.pop(target))[0])
 
     def _put_back(self, target: Path, name: str) -> None:
         original = self.folder / name

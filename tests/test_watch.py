@@ -39,7 +39,7 @@ def test_each_file_once_across_restarts(runtime, samples, tmp_path):
     assert bad["error"] in (cam / "quarantine" / "broken.jpg.reason").read_text()
     good = [r for r in recs if "error" not in r]
     assert all(0 <= r["p_fake"] <= 1 and r["caption"] for r in good)
-    assert w._seen == {}  # nothing is pending, so nothing is remembered: months of files cost no memory
+    assert len(w._seen) == 0  # nothing is pending, so nothing is remembered: months of files cost no memory
 
     # restart: nothing again; a new file: only it
     assert Watcher(runtime, cam, out, interval_s=0.01, settle_s=0, progress=lambda m: None).run(once=True) == 0
