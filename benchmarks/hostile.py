@@ -21,6 +21,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -117,37 +118,47 @@ def _full_specs():
     return [image_spec(p()) for p in (BlipImageProcessorPil, OwlViTImageProcessorPil, CLIPImageProcessorPil)]
 
 
-def _one(name: str) -> dict:
-    """In this (fresh) process: decode and preprocess one hostile input; what it cost."""
+def _child(path: str, with_preprocess: bool) -> dict:
+    """In a fresh process: decode the file's image (and preprocess it for the three models at
+    full size); what that cost. The input is made by the parent, so that nothing its making
+    allocated is counted or reused here."""
     from itemrt.errors import ImageError
     from itemrt.images import load_image
     from itemrt.preprocess import preprocess
 
-    data, specs = HOSTILE[name](), _full_specs()
+    data = open(path, "rb").read()  # noqa: SIM115 - read whole, closed at once
+    specs = _full_specs() if with_preprocess else []
     preprocess([([Image.new("RGB", (64, 48))], s) for s in specs])  # warm: first calls allocate
 
-    def run() -> str:
+    def run() -> tuple[str, int]:
         try:
             img = load_image(data)
             preprocess([([img], s) for s in specs])
-            return f"ok {img.size[0]}x{img.size[1]}"
+            return f"ok {img.size[0]}x{img.size[1]}", img.size[0] * img.size[1]
         except ImageError as e:
-            return e.code
+            return e.code, 0
 
-    outcome, cost = _measured(run)
-    return {"input": name, "bytes": len(data), "outcome": outcome, **cost}
+    (outcome, pixels), cost = _measured(run)
+    return {"outcome": outcome, "pixels": pixels, **cost}
+
+
+def _in_fresh_process(data: bytes, with_preprocess: bool) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".img") as f:
+        f.write(data)
+        f.flush()
+        cmd = [sys.executable, "-m", "itemrt.bench.hostile", "--child", f.name] + (["--preprocess"] * with_preprocess)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if out.returncode:
+        raise RuntimeError(f"the measuring process failed: {out.stderr.strip()[-300:]}")
+    return json.loads(out.stdout.splitlines()[-1])
 
 
 def _inputs_table(names: list[str]) -> None:
     print("| input | file | outcome | wall | peak RSS (before) |\n|---|---:|---|---:|---:|")
     for name in names:
-        out = subprocess.run([sys.executable, "-m", "itemrt.bench.hostile", "--one", name],
-                             capture_output=True, text=True, timeout=900)
-        if out.returncode:
-            print(f"| {name} | | process failed: {out.stderr.strip()[-300:]} | | |")
-            continue
-        r = json.loads(out.stdout.splitlines()[-1])
-        size = f"{r['bytes'] / 1e3:.1f} KB" if r["bytes"] < 1e6 else f"{r['bytes'] / 1e6:.1f} MB"
+        data = HOSTILE[name]()
+        r = _in_fresh_process(data, with_preprocess=True)
+        size = f"{len(data) / 1e3:.1f} KB" if len(data) < 1e6 else f"{len(data) / 1e6:.1f} MB"
         print(f"| {name} | {size} | {r['outcome']} | {r['wall_s']:.2f} s | "
               f"{r['peak_rss_mb']} MB ({r['rss_before_mb']} MB) |", flush=True)
 
@@ -221,25 +232,15 @@ def _mode_input(mode: str, fmt: str, n: int = 4000) -> bytes:
     return _encode(img.convert(mode) if mode != "RGB" else img, fmt)
 
 
-def _mode_one(mode: str, fmt: str) -> dict:
-    from itemrt.images import load_image
-
-    data = _mode_input(mode, fmt)
-    img, cost = _measured(lambda: load_image(data))
-    return {"bytes_per_pixel": (cost["peak_rss_mb"] - cost["rss_before_mb"]) * 2**20 / (img.size[0] * img.size[1])}
-
-
 def _modes_table() -> None:
     from itemrt.images import DECODE_BYTES, DECODE_BYTES_REF
 
     print("\nload_image, 4000 x 4000, fresh process each: peak RSS over the decoded pixels\n")
     print("| format | mode | peak bytes a pixel | budgeted (images.DECODE_BYTES) |\n|---|---|---:|---:|")
     for mode, fmt in _MODES:
-        out = subprocess.run([sys.executable, "-m", "itemrt.bench.hostile", "--mode-one", mode, fmt],
-                             capture_output=True, text=True, timeout=900)
-        got = f"{json.loads(out.stdout.splitlines()[-1])['bytes_per_pixel']:.1f}" if out.returncode == 0 else \
-            f"failed: {out.stderr.strip()[-120:]}"
-        print(f"| {fmt} | {mode} | {got} | {DECODE_BYTES.get(fmt, DECODE_BYTES_REF)} |", flush=True)
+        r = _in_fresh_process(_mode_input(mode, fmt), with_preprocess=False)
+        per_pixel = (r["peak_rss_mb"] - r["rss_before_mb"]) * 2**20 / r["pixels"]
+        print(f"| {fmt} | {mode} | {per_pixel:.1f} | {DECODE_BYTES.get(fmt, DECODE_BYTES_REF)} |", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,14 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small", type=COUNT, default=10, help="small valid images per server measurement")
     p.add_argument("--no-server", action="store_true")
     p.add_argument("--modes", action="store_true", help="also the decode bytes per pixel by format and mode")
-    p.add_argument("--one", help=argparse.SUPPRESS)
-    p.add_argument("--mode-one", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--preprocess", action="store_true", help=argparse.SUPPRESS)
     args, serve_args = p.parse_known_args(argv)
-    if args.one:
-        print(json.dumps(_one(args.one)))
-        return 0
-    if args.mode_one:
-        print(json.dumps(_mode_one(*args.mode_one)))
+    if args.child:
+        print(json.dumps(_child(args.child, args.preprocess)))
         return 0
     names = args.inputs or list(HOSTILE)
     _inputs_table(names)

@@ -60,9 +60,9 @@ _HIGH_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 
 # Peak bytes a pixel while decoding to RGB, by format: the most over the modes each format
 # has, measured with `python -m itemrt.bench.hostile --modes` (docs/reliability.md).
-# item serve's decode budget counts pixels of DECODE_BYTES_REF bytes each, so an AVIF weighs
+# item serve's decode budget counts pixels of DECODE_BYTES_REF bytes each, so a WebP weighs
 # more than a JPEG of the same size.
-DECODE_BYTES = {"JPEG": 9, "PNG": 10, "TIFF": 11, "BMP": 7, "PPM": 7, "GIF": 13, "WEBP": 17, "AVIF": 29}
+DECODE_BYTES = {"JPEG": 9, "PNG": 10, "TIFF": 11, "BMP": 5, "PPM": 5, "GIF": 6, "WEBP": 17, "AVIF": 10}
 DECODE_BYTES_REF = 12
 
 
@@ -291,9 +291,10 @@ def _high_scale(img: Image.Image, step: int) -> float:
     if img.mode != "F":
         return 1.0
     w, h = img.size
-    top = max(float(np.nan_to_num(np.asarray(img.crop((0, y, w, min(h, y + step)))).astype(np.float64)).max())
+    # fmax skips NaN (the rule's nan_to_num makes it 0, and 0 is the floor anyway); +inf is > 1
+    top = max(float(np.fmax.reduce(np.asarray(img.crop((0, y, w, min(h, y + step)))), axis=None, initial=0.0))
               for y in range(0, h, step))
-    return 255.0 if max(top, 0.0) <= 1.0 else 1.0
+    return 255.0 if top <= 1.0 else 1.0
 
 
 def _to_uint8(a: np.ndarray, scale: float = 1.0) -> np.ndarray:
