@@ -106,7 +106,7 @@ def _skip_reason(name: str, bundle) -> str | None:
         if not bundle.manifest.get("tensorrt"):
             return f"the bundle has no TensorRT engines: run `item build {bundle.root}` on this machine"
     if precision in ("bf16", "mixed"):  # the machine first: a bundle exported here without BF16 units has none either
-        from itemrt.openvino import bf16_support
+        from itemrt.backends.openvino import bf16_support
 
         if (why := bf16_support()) is not None:
             return why
@@ -240,9 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = sys.argv[1:] if argv is None else argv
     old = _check_paths(p, args)  # a long run must not end in a path error
     if args.images is None:
-        from itemrt.cli import SAMPLES
+        from itemrt.samples import images as sample_images
 
-        args.images = sorted(SAMPLES.glob("*.jpg"))
+        args.images = sample_images()
     rep = run(args)
     print(table(rep))
     if old is not None:

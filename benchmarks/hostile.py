@@ -123,8 +123,8 @@ def _child(path: str, with_preprocess: bool) -> dict:
     full size); what that cost. The input is made by the parent, so that nothing its making
     allocated is counted or reused here."""
     from itemrt.errors import ImageError
-    from itemrt.images import load_image
-    from itemrt.preprocess import preprocess
+    from itemrt.stages.images import load_image
+    from itemrt.stages.preprocess import preprocess
 
     data = open(path, "rb").read()  # noqa: SIM115 - read whole, closed at once
     specs = _full_specs() if with_preprocess else []
@@ -166,9 +166,9 @@ def _inputs_table(names: list[str]) -> None:
 def _server_table(bundle: str, names: list[str], small: int, serve_args: list[str]) -> None:
     from .load import free_port, request, start_server
 
-    from itemrt.cli import SAMPLES
+    from itemrt.samples import images as sample_images
 
-    valid = sorted(SAMPLES.glob("*.jpg"))[0].read_bytes()
+    valid = sample_images()[0].read_bytes()
     port = free_port()
     proc = start_server(bundle, port, *serve_args)
 
@@ -233,7 +233,7 @@ def _mode_input(mode: str, fmt: str, n: int = 4000) -> bytes:
 
 
 def _modes_table() -> None:
-    from itemrt.images import DECODE_BYTES, DECODE_BYTES_REF
+    from itemrt.stages.images import DECODE_BYTES, DECODE_BYTES_REF
 
     print("\nload_image, 4000 x 4000, fresh process each: peak RSS over the decoded pixels\n")
     print("| format | mode | peak bytes a pixel | budgeted (images.DECODE_BYTES) |\n|---|---|---:|---:|")

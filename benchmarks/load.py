@@ -113,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.images is None:
-        from itemrt.cli import SAMPLES
+        from itemrt.samples import images as sample_images
 
-        args.images = sorted(SAMPLES.glob("*.jpg"))
+        args.images = sample_images()
     images = [path.read_bytes() for path in args.images]
     rows = []
     for max_batch in args.batching:

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from itemrt.backend import BACKENDS
-from itemrt.words import PROBE_WORDS
+from itemrt.backends.ort import BACKENDS
+from itemrt.stages.words import PROBE_WORDS
 
 
 def _peak_rss_mb() -> float:
@@ -50,7 +50,7 @@ def _words(args) -> list[str] | None:
 
 def run_runtime(args) -> dict:
     from itemrt import Runtime
-    from itemrt.images import load_image
+    from itemrt.stages.images import load_image
 
     images = [load_image(p) for p in args.images]  # decode is timed below, from the file bytes
     blobs = [Path(p).read_bytes() for p in args.images]
@@ -204,7 +204,7 @@ def _profile(args, Runtime, blobs, ran: dict[str, str]) -> tuple[list[dict[str, 
 def run_reference(args) -> dict:
     import torch
     from itemrt.export.reference import reference_for_bundle
-    from itemrt.images import load_image
+    from itemrt.stages.images import load_image
 
     torch.manual_seed(0)
     if args.threads:

@@ -7,7 +7,7 @@ limit, and a timing cache kept beside the bundle so rebuilds are fast. Each buil
 recorded in the manifest under `tensorrt.<sm..-<gpu>-trt..>` with the TensorRT version, GPU name,
 compute capability and settings; the runtime refuses a build made elsewhere.
 
-Thin on purpose: profiles, buffer sizes and the checks live in `itemrt.trt_plan`. Needs
+Thin on purpose: profiles, buffer sizes and the checks live in `itemrt.backends.trt_plan`. Needs
 TensorRT and cuda-python, not torch (runs on a Jetson without the export extra).
 """
 
@@ -21,8 +21,8 @@ from pathlib import Path
 
 from itemrt.bundle import Bundle, sha256_file, write_manifest
 from itemrt.errors import ItemError
-from itemrt.tensorrt import device_info, import_tensorrt
-from itemrt.trt_plan import (
+from itemrt.backends.tensorrt import device_info, import_tensorrt
+from itemrt.backends.trt_plan import (
     ENGINE_COMPONENTS,
     PLANS_DIR,
     BuildSettings,

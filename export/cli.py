@@ -8,7 +8,7 @@ import shlex
 import sys
 
 from itemrt.argtypes import COUNT, FRACTION, number
-from itemrt.perturb import argument as perturbation_argument
+from itemrt.datasets.perturb import argument as perturbation_argument
 
 from .models import DEFAULT_SOURCES
 
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from itemrt.recipe import RECIPES
+    from itemrt.stages.recipe import RECIPES
 
     p.add_argument("features", help="feature store made by `item features` with this bundle")
     p.add_argument("--bundle", "-b", required=True, help="bundle to install the trained head into")

@@ -9,12 +9,12 @@ import math
 from pathlib import Path
 
 import numpy as np
-from itemrt.backend import OrtSession, SessionOptions
+from itemrt.backends.ort import OrtSession, SessionOptions
 from itemrt.bundle import Bundle
 from itemrt.errors import DatasetError
-from itemrt.features import Features, extract, read_features
+from itemrt.datasets.features import Features, extract, read_features
 from itemrt.paths import writable_folder
-from itemrt.perturb import parse as parse_perturbation
+from itemrt.datasets.perturb import parse as parse_perturbation
 
 from . import metrics
 

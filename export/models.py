@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from itemrt.errors import UnsupportedModelError, WeightsNotFoundError
-from itemrt.preprocess import RESAMPLE_NAMES, ImageSpec
+from itemrt.stages.preprocess import RESAMPLE_NAMES, ImageSpec
 
 from .open_clip import (
     CONFIG_NAME,

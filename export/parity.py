@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
-from itemrt.recipe import Pairs
+from itemrt.stages.recipe import Pairs
 from PIL import Image
 
 
@@ -238,8 +238,8 @@ def head_check(chains: dict[str, list[Pairs]], p_fake, threshold: float) -> dict
 
 def _embed_cos(runtime, img, res, ref) -> list[float]:
     """CLIP embeddings of the runtime for the reference's own crops and texts."""
-    from itemrt.images import crop_box
-    from itemrt.preprocess import preprocess
+    from itemrt.stages.images import crop_box
+    from itemrt.stages.preprocess import preprocess
 
     crops = [img, *(crop_box(img, b) for b in ref.boxes if b is not None)]
     img_emb = runtime.clip.encode_image(preprocess([(crops, runtime.specs["clip"])])[0])

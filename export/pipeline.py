@@ -19,7 +19,7 @@ from pathlib import Path
 import itemrt
 import numpy as np
 import torch
-from itemrt.backend import OrtSession, SessionOptions
+from itemrt.backends.ort import OrtSession, SessionOptions
 from itemrt.bundle import (
     FORMAT,
     FORMAT_VERSION,
@@ -28,16 +28,17 @@ from itemrt.bundle import (
     sha256_file,
     write_manifest,
 )
-from itemrt.captioner import cross_inputs
+from itemrt.stages.captioner import cross_inputs
 from itemrt.errors import ItemError, PathError
-from itemrt.images import load_image
-from itemrt.openvino import require_bf16
+from itemrt.stages.images import load_image
+from itemrt.backends.openvino import require_bf16
 from itemrt.paths import writable_folder
-from itemrt.preprocess import preprocess
-from itemrt.recipe import recipe
+from itemrt.samples import images as sample_images
+from itemrt.stages.preprocess import preprocess
+from itemrt.stages.recipe import recipe
 from itemrt.runtime import Runtime, open_session
-from itemrt.text import TextTokenizer, TextTower, TokenizerSpec
-from itemrt.words import DEFAULT_VOCABULARY, PROBE_WORDS, Vocabulary
+from itemrt.stages.text import TextTokenizer, TextTower, TokenizerSpec
+from itemrt.stages.words import DEFAULT_VOCABULARY, PROBE_WORDS, Vocabulary
 
 from . import graphs
 from .head import random_head, save_head
@@ -68,16 +69,11 @@ from .precision import (
 from .random_init import build_random_checkpoints, size_config
 from .reference import reference_for_bundle
 
-SAMPLES = Path(itemrt.__file__).with_name("samples")
 DEFAULT_HEAD = {"hidden": [512, 128], "dropout": 0.1}
 
 
 class ParityError(ItemError):
     code = "parity_failed"
-
-
-def sample_images() -> list[Path]:
-    return sorted(SAMPLES.glob("*.jpg"))
 
 
 def random_checkpoints(size: str, seed: int, progress=print) -> dict[str, Source]:

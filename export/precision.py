@@ -10,7 +10,7 @@ FP16 puts the precision in the graph itself (DESIGN.md section 5): weights and a
 FP16, with LayerNorm, softmax, reductions and the exponentials kept FP32 and the graph's
 inputs and outputs left FP32, so a strongly-typed TensorRT build keeps exactly this.
 
-BF16 writes no file: its variant is the FP32 graph run by OpenVINO in BF16 (`runtime/openvino.py`),
+BF16 writes no file: its variant is the FP32 graph run by OpenVINO in BF16 (`runtime/backends/openvino.py`),
 for CPUs with AMX or AVX512-BF16, and is gated the same way on the exporting machine.
 Precision "mixed" picks per graph among the gated INT8 and BF16 variants (`MIXED_ORDER`) and is
 gated again as one chain (`_choose_mixed` in pipeline).

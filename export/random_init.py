@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from itemrt.words import DEFAULT_VOCABULARY, plural_forms
+from itemrt.stages.words import DEFAULT_VOCABULARY, plural_forms
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 SIZES = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))

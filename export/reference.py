@@ -16,9 +16,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from itemrt.images import crop_box
-from itemrt.recipe import Pairs, recipe
-from itemrt.words import Vocabulary
+from itemrt.stages.images import crop_box
+from itemrt.stages.recipe import Pairs, recipe
+from itemrt.stages.words import Vocabulary
 from PIL import Image
 
 from .head import MLPHead, load_head

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from itemrt.backend import OrtSession, SessionOptions
+from itemrt.backends.ort import OrtSession, SessionOptions
 from itemrt.bundle import TRAINING_DIR, Bundle, sha256_file, write_manifest
-from itemrt.dataset import SPLITS
+from itemrt.datasets.dataset import SPLITS
 from itemrt.errors import DatasetError
-from itemrt.features import Features, read_features
-from itemrt.recipe import recipe
+from itemrt.datasets.features import Features, read_features
+from itemrt.stages.recipe import recipe
 from torch import nn
 
 from . import metrics

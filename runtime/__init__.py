@@ -22,7 +22,7 @@ from .errors import (
     UnsupportedModelError,
     WeightsNotFoundError,
 )
-from .images import ImageLimits
+from .stages.images import ImageLimits
 from .results import DetectionResult, ObjectResult
 from .runtime import Runtime
 

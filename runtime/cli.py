@@ -12,9 +12,9 @@ import threading
 from pathlib import Path
 
 from .argtypes import COUNT, FRACTION, PORT, SECONDS, THREADS, number
-from .backend import BACKENDS
+from .backends.ort import BACKENDS
 from .bundle import PRECISIONS
-from .dataset import DEFAULT_RATIOS, IMAGE_SUFFIXES
+from .datasets.dataset import DEFAULT_RATIOS, IMAGE_SUFFIXES
 from .errors import (
     BundleError,
     BundleIntegrityError,
@@ -24,10 +24,10 @@ from .errors import (
     PathError,
     UnsupportedImageError,
 )
-from .perturb import argument as perturbation_argument
-from .watch import SETTLE_S
+from .datasets.perturb import argument as perturbation_argument
+from .gateways.watch import SETTLE_S
+from .samples import images as sample_images
 
-SAMPLES = Path(__file__).with_name("samples")
 BACKEND_HELP = ("onnxruntime (CPU), ort-cuda / ort-tensorrt (ONNX Runtime's GPU providers), "
                 "tensorrt (plans from `item build`)")
 
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _detect(args) -> int:
-    from .explain import render
+    from .stages.explain import render
     from .runtime import Runtime
 
     if not args.bundle:
@@ -254,7 +254,7 @@ def _detect(args) -> int:
 
 def _load_for_detect(path: Path, limits):
     """(path, RGB image), or (path, the ImageError to report)."""
-    from .images import load_image
+    from .stages.images import load_image
 
     try:
         if str(path) == "-":
@@ -279,7 +279,7 @@ def _check_explain(explain: Path, folder: bool) -> None:
 def _explain_target(explain: Path, path: Path, written: set[Path]) -> Path:
     """The picture's file: `explain` itself, or STEM.explain.png in that folder; two inputs
     with one stem (a/x.jpg, b/x.png) get STEM-2, ... instead of overwriting each other."""
-    from .watch import free_name
+    from .gateways.watch import free_name
 
     if not explain.is_dir():
         return explain
@@ -304,7 +304,7 @@ def _stderr(msg: str) -> None:
 
 def _build(args) -> int:
     from .export.build import build_engines
-    from .trt_plan import BuildSettings
+    from .backends.trt_plan import BuildSettings
 
     settings = BuildSettings(max_batch=args.max_batch, workspace_gb=args.workspace_gb, opt_batch=args.opt_batch)
     build_engines(args.bundle, settings, precision=args.precision, progress=_stderr)
@@ -312,8 +312,8 @@ def _build(args) -> int:
 
 
 def _features(args) -> int:
-    from .dataset import load_dataset
-    from .features import extract
+    from .datasets.dataset import load_dataset
+    from .datasets.features import extract
     from .runtime import Runtime
 
     if not args.bundle:
@@ -457,7 +457,7 @@ def _print_chain(label: str, chain: dict, note: str = "") -> None:
 
 def _serve(args) -> int:
     try:
-        from .server import ServeConfig, read_token, require, serve
+        from .gateways.server import ServeConfig, read_token, require, serve
 
         require()
     except ImportError as e:
@@ -479,7 +479,7 @@ def _serve(args) -> int:
 
 def _watch(args) -> int:
     from .runtime import Runtime
-    from .watch import Watcher
+    from .gateways.watch import Watcher
 
     if not args.bundle:
         print("item watch: give --bundle or set ITEM_BUNDLE", file=sys.stderr)
@@ -510,7 +510,7 @@ def _demo(args) -> int:
             return rc
     main(["info", str(bundle)])
     print()
-    samples = sorted(str(p) for p in SAMPLES.glob("*.jpg"))
+    samples = [str(p) for p in sample_images()]
     return main(["detect", "--bundle", str(bundle), "--explain", str(args.explain_dir), *samples])
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .recipe import Pairs
+from .stages.recipe import Pairs
 
 
 @dataclass(frozen=True)

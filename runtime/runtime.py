@@ -16,26 +16,26 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .backend import BACKENDS, OrtSession, Session, SessionOptions, ort_providers
+from .backends.ort import BACKENDS, OrtSession, Session, SessionOptions, ort_providers
 from .bundle import PRECISIONS, Bundle
-from .captioner import Captioner, DecodingSpec
-from .clip import Clip
-from .detector import Detection, Detector
+from .stages.captioner import Captioner, DecodingSpec
+from .stages.clip import Clip
+from .stages.detector import Detection, Detector
 from .errors import (
     BundleIntegrityError,
     BundleVersionError,
     ImageError,
     RuntimeClosedError,
 )
-from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, crop_box, load_image
-from .openvino import OvSession
-from .preprocess import ImageSpec, preprocess
-from .recipe import Pairs, distances, recipe
+from .stages.images import DEFAULT_LIMITS, ImageInput, ImageLimits, crop_box, load_image
+from .backends.openvino import OvSession
+from .stages.preprocess import ImageSpec, preprocess
+from .stages.recipe import Pairs, distances, recipe
 from .results import Analysis, DetectionResult, ObjectResult
-from .tensorrt import TrtSession, device_info, import_tensorrt
-from .text import TextTokenizer, TextTower, TokenizerSpec
-from .trt_plan import PLANS_DIR, rebuild_command, select_plans
-from .words import Vocabulary
+from .backends.tensorrt import TrtSession, device_info, import_tensorrt
+from .stages.text import TextTokenizer, TextTower, TokenizerSpec
+from .backends.trt_plan import PLANS_DIR, rebuild_command, select_plans
+from .stages.words import Vocabulary
 
 
 class Timings(dict):

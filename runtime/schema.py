@@ -37,9 +37,9 @@ FIELDS: dict[str, Any] = {
 
 def _spec_sections() -> dict[str, type]:
     # Imported here: the spec modules import the sessions, which need nothing from bundles.
-    from .captioner import DecodingSpec
-    from .preprocess import ImageSpec
-    from .text import TokenizerSpec
+    from .stages.captioner import DecodingSpec
+    from .stages.preprocess import ImageSpec
+    from .stages.text import TokenizerSpec
 
     return {
         "captioner.preprocess": ImageSpec,

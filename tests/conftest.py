@@ -18,7 +18,7 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, cache_dir) -> Path:
     from itemrt.export.pipeline import export_bundle
-    from itemrt.openvino import bf16_support
+    from itemrt.backends.openvino import bf16_support
 
     out = tmp_path_factory.mktemp("engines") / "tiny"
     # bf16 is gated on the exporting CPU: only where it has BF16 units (tests then skip with why).
@@ -30,7 +30,7 @@ def need_precision(bundle: Path, precision: str) -> None:
     """Skip, saying why, when the tiny bundle has no `precision` gate record."""
     import json
 
-    from itemrt.openvino import bf16_support
+    from itemrt.backends.openvino import bf16_support
 
     if precision not in json.loads((bundle / "manifest.json").read_text())["precisions"]:
         pytest.skip(f"{precision} was not exported here: {bf16_support()}")

@@ -8,8 +8,8 @@ import threading
 import time
 
 import pytest
-from itemrt.batcher import Batcher, QueueFull
-from itemrt.images import load_image
+from itemrt.gateways.batcher import Batcher, QueueFull
+from itemrt.stages.images import load_image
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,7 @@ def test_report_structure_and_every_stage_timed(bench):
     for stage, prec in b["ort-int8"]["precisions"].items():
         if stage in g:
             assert g[stage]["of_peak"] == pytest.approx(g[stage]["achieved_gflops"] / rep["matmul_peak"][f"{prec}_gflops"])
-    from itemrt.openvino import bf16_support
+    from itemrt.backends.openvino import bf16_support
 
     if bf16_support() is None:  # this CPU runs BF16: the tiny bundle was gated for it
         assert rep["matmul_peak"]["bf16_gflops"] > 0 and "ov-bf16" in ran

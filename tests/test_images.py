@@ -20,7 +20,7 @@ from itemrt import (
     ImageUnreadableError,
     UnsupportedImageError,
 )
-from itemrt.images import ImageLimits, crop_box, load_image
+from itemrt.stages.images import ImageLimits, crop_box, load_image
 from PIL import Image
 
 
@@ -162,7 +162,7 @@ def test_16_bit_keeps_the_top_byte():
 def test_rgb_conversion_is_the_references_pixel_for_pixel(mode, monkeypatch):
     """Converted in bands of rows (no full-size temporaries), yet the reference's pixels,
     transparency included (an RGB, L or P image with a transparent colour is composited too)."""
-    import itemrt.images as images
+    import itemrt.stages.images as images
     from transformers.image_transforms import convert_to_rgb
 
     monkeypatch.setattr(images, "_BAND_PIXELS", 997)  # many bands, the last one short
@@ -181,7 +181,7 @@ def test_rgb_conversion_is_the_references_pixel_for_pixel(mode, monkeypatch):
 def test_high_depth_in_bands_keeps_the_whole_image_rule(monkeypatch):
     """Float images scale to 255 only when every value is at most 1: decided for the whole image
     even though it is converted band by band (the largest value in the last band decides)."""
-    import itemrt.images as images
+    import itemrt.stages.images as images
 
     monkeypatch.setattr(images, "_BAND_PIXELS", 500)
     a = np.full((40, 25), 0.5, np.float32)
@@ -200,7 +200,7 @@ def test_jpeg_scans_are_counted_from_the_markers():
     """Segments are skipped by their length: a JPEG thumbnail inside EXIF, fill bytes and restart
     markers do not count; each repeated scan does."""
     from itemrt.bench.hostile import scan_bomb_jpeg
-    from itemrt.images import jpeg_scans
+    from itemrt.stages.images import jpeg_scans
 
     photo = _photo(96, 64)
     assert jpeg_scans(_encode(photo, "JPEG")) == 1
@@ -246,7 +246,7 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding():
 
 def test_mutated_jpegs_never_break_the_scan_count():
     """Seeded and bounded: the marker walk ends, and decoding gives an image or a typed error."""
-    from itemrt.images import jpeg_scans
+    from itemrt.stages.images import jpeg_scans
 
     rng = np.random.default_rng(21)
     seeds = [_encode(_photo(48, 32), "JPEG", progressive=p, quality=q) for p in (True, False) for q in (30, 95)]
@@ -357,7 +357,7 @@ def test_hold_is_entered_with_the_claimed_pixels_before_decoding():
     """item serve's pixel budget: load_image enters `hold` with what the header claims, weighed
     by what its format costs to decode, and nothing is decoded before it is entered or once the
     claim is over the limits."""
-    from itemrt.images import DECODE_BYTES, decode_cost
+    from itemrt.stages.images import DECODE_BYTES, decode_cost
     from contextlib import contextmanager
 
     held = []

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from itemrt.backend import OrtSession
-from itemrt.openvino import bf16_support
+from itemrt.backends.ort import OrtSession
+from itemrt.backends.openvino import bf16_support
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_session_matches_onnxruntime_and_keeps_graph_names(bf16, tiny_bundle):
-    from itemrt.openvino import OvSession
+    from itemrt.backends.openvino import OvSession
 
     path = tiny_bundle / "detector_image.onnx"
     ov, ort = OvSession(path, "detector_image"), OrtSession(path, "detector_image")
@@ -42,7 +42,7 @@ def test_session_matches_onnxruntime_and_keeps_graph_names(bf16, tiny_bundle):
 
 
 def test_session_fails_loudly_on_wrong_inputs(bf16, tiny_bundle):
-    from itemrt.openvino import OvSession
+    from itemrt.backends.openvino import OvSession
 
     s = OvSession(tiny_bundle / "clip_image.onnx", "clip_image")
     with pytest.raises(ValueError, match="inputs are"):
@@ -53,7 +53,7 @@ def test_session_fails_loudly_on_wrong_inputs(bf16, tiny_bundle):
 
 def test_session_is_safe_across_threads(bf16, tiny_bundle):
     """Each thread gets its own infer request; outputs are copies, not views of its buffers."""
-    from itemrt.openvino import OvSession
+    from itemrt.backends.openvino import OvSession
 
     s = OvSession(tiny_bundle / "clip_image.onnx", "clip_image")
     rng = np.random.default_rng(1)

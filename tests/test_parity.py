@@ -9,7 +9,7 @@ import pytest
 from conftest import need_precision
 from itemrt.export.parity import FP32, REDUCED, chain_parity, reference_cases
 from itemrt.export.reference import reference_for_bundle
-from itemrt.images import load_image
+from itemrt.stages.images import load_image
 from PIL import Image
 
 
@@ -60,8 +60,8 @@ def test_greedy_tokens_match_generate_directly(runtime, reference, samples):
 def test_decoder_reads_each_layers_cross_kv_in_place(runtime, samples):
     """One decoder input per layer, fed views of the cross-K/V graph's stacked outputs: a step
     copies no K/V (slicing a stacked input inside the graph copied 42 MB a step at full size)."""
-    from itemrt.captioner import cross_inputs
-    from itemrt.preprocess import preprocess
+    from itemrt.stages.captioner import cross_inputs
+    from itemrt.stages.preprocess import preprocess
 
     cap = runtime.captioner
     layers = cap.spec.layers
@@ -158,7 +158,7 @@ def test_a_closed_runtime_says_so(tiny_bundle, samples):
 def test_caption_without_object_words(tiny_bundle, reference, samples):
     """No word matches: no boxes, no crops, only the global pair; both chains agree."""
     from itemrt import Runtime
-    from itemrt.words import Vocabulary
+    from itemrt.stages.words import Vocabulary
 
     nothing = Vocabulary(["zzzz"], {})
     with Runtime(tiny_bundle, precision="fp32") as rt:
@@ -319,7 +319,7 @@ def test_mixed_takes_int8_then_bf16_and_is_gated_as_one_chain(tiny_bundle):
     recorded with its own chain gate; the runtime runs each graph in its recorded precision."""
     from itemrt import Runtime
     from itemrt.bundle import Bundle
-    from itemrt.openvino import OvSession
+    from itemrt.backends.openvino import OvSession
 
     need_precision(tiny_bundle, "bf16")
     q = json.loads((tiny_bundle / "manifest.json").read_text())["precisions"]
@@ -354,7 +354,7 @@ def test_reference_chain_in_fp16(tiny_bundle, samples):
     """The GPU baseline (item-bench reference-cuda-fp16) moves the models and every input to a
     device and dtype; the same code path runs here on the CPU in FP16 and must keep the chain."""
     import torch
-    from itemrt.words import PROBE_WORDS
+    from itemrt.stages.words import PROBE_WORDS
 
     ref = reference_for_bundle(tiny_bundle)  # its own copy of the models: the module fixture stays FP32
     img = load_image(samples[0])

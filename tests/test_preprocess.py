@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 from itemrt.export.models import image_spec
-from itemrt.preprocess import preprocess
+from itemrt.stages.preprocess import preprocess
 from PIL import Image
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -53,7 +53,7 @@ def test_thinner_images_resample_only_the_crop_and_stay_close_to_the_processor(s
     9.6 GB). Pillow may order its two passes differently for a region and rounds its box to
     float32: on photo strips of aspect 65:1 to 3000:1, within 3 grey levels anywhere and 0.1 of
     a level on average (ad hoc on 60 strips: 2 and 0.005)."""
-    from itemrt.preprocess import EXACT_RESIZE_CROPS
+    from itemrt.stages.preprocess import EXACT_RESIZE_CROPS
 
     ip, spec = PROCESSORS["clip-l14"], image_spec(PROCESSORS["clip-l14"])
     level = 1 / 255 / min(ip.image_std)  # one grey level, normalized
@@ -82,7 +82,7 @@ def test_a_thin_image_costs_what_a_square_one_does(tmp_path):
         "from PIL import Image\n"
         "from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil\n"
         "from itemrt.export.models import image_spec\n"
-        "from itemrt.preprocess import preprocess\n"
+        "from itemrt.stages.preprocess import preprocess\n"
         "spec = image_spec(CLIPImageProcessorPil())\n"
         "preprocess([([Image.new('RGB', (8, 8))], spec)])\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
@@ -99,7 +99,7 @@ def test_seeded_sizes_from_one_pixel_to_thin_strips():
     """Seeded and bounded, over both paths and a crop larger than the resize (zero padding):
     the processor's pixels wherever the whole resize is within the exact bound, and the right
     shape and value range everywhere."""
-    from itemrt.preprocess import EXACT_RESIZE_CROPS
+    from itemrt.stages.preprocess import EXACT_RESIZE_CROPS
 
     padded = CLIPImageProcessorPil(size={"shortest_edge": 20}, crop_size={"height": 32, "width": 24})
     rng = np.random.default_rng(2111)

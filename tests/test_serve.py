@@ -135,7 +135,7 @@ def test_an_early_answer_reaches_a_client_still_sending_its_body(server):
     the body arriving afterwards made the kernel reset the connection and the client lost the
     413 (a BrokenPipeError on its send, 20 times out of 20). The lingering close drops the
     body, delivers the answer, and still ends a client that keeps sending, after LINGER_S."""
-    from itemrt.server import LINGER_S
+    from itemrt.gateways.server import LINGER_S
 
     head = (b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nConnection: close\r\n"
             b"Content-Length: %d\r\n\r\n")
@@ -161,7 +161,7 @@ def test_an_early_answer_reaches_a_client_still_sending_its_body(server):
 def test_the_pixel_budget_bounds_concurrent_decoding():
     """Decoding threads hold their image's pixels; together they never pass the budget, and an
     image larger than the whole budget still runs, alone."""
-    from itemrt.server import PixelBudget
+    from itemrt.gateways.server import PixelBudget
 
     budget, lock, seen = PixelBudget(100), threading.Lock(), []
 
@@ -435,7 +435,7 @@ def test_too_many_images_in_a_batch(server, n):
 
 def test_the_budget_says_when_it_is_exhausted():
     """A decode waiting for room makes the budget exhausted (item serve's /readyz turns 503)."""
-    from itemrt.server import PixelBudget
+    from itemrt.gateways.server import PixelBudget
 
     budget, first_in, release = PixelBudget(100), threading.Event(), threading.Event()
 

@@ -19,7 +19,7 @@ from itemrt import Runtime
 from itemrt.bundle import Bundle, sha256_file
 from itemrt.cli import main as item
 from itemrt.errors import BackendUnavailableError, BundleVersionError
-from itemrt.trt_plan import (
+from itemrt.backends.trt_plan import (
     ALIGN,
     ENGINE_COMPONENTS,
     KV_SCRATCH,
@@ -92,7 +92,7 @@ def test_profiles_accept_every_shape_the_runtime_feeds(tiny_bundle, samples):
 def test_device_arrays_split_into_layers_by_address():
     """The TensorRT decoder binds each layer's cross K/V at an offset into the cross-K/V plan's
     output, the way the ONNX Runtime path feeds numpy views: nothing copied."""
-    from itemrt.tensorrt import DeviceArray
+    from itemrt.backends.tensorrt import DeviceArray
 
     host = np.zeros((3, 2, 4), np.float16)
     x = DeviceArray(4096, host.shape, "float16")
@@ -119,7 +119,7 @@ def test_shapes_outside_the_profile_name_the_rebuild(tiny_bundle):
 def test_buffer_plan_holds_the_largest_outputs(tiny_bundle):
     """Buffers sized from the profile maxima hold what the graph really returns at those
     shapes (output shapes computed here by ONNX Runtime, as TensorRT reports them on a GPU)."""
-    from itemrt.backend import OrtSession
+    from itemrt.backends.ort import OrtSession
 
     b = Bundle.open(tiny_bundle)
     p = profiles(b.manifest, BuildSettings(max_batch=2))
@@ -208,7 +208,7 @@ def test_without_tensorrt_the_backend_and_build_say_what_to_install(tiny_bundle,
 
 
 def test_tensorrt_older_than_10_is_refused_up_front():
-    from itemrt.tensorrt import check_tensorrt_version
+    from itemrt.backends.tensorrt import check_tensorrt_version
 
     for old in ("8.6.2.3", "9.3.0"):  # JetPack 6.0 ships 8.6
         with pytest.raises(BackendUnavailableError, match=f"TensorRT {old} is installed.*10.x or newer"):
@@ -237,7 +237,7 @@ def test_every_cuda_call_exists_with_its_arity():
     import re
 
     cudart = pytest.importorskip("cuda.bindings.runtime", reason="cuda-bindings is in the test extra")
-    import itemrt.tensorrt as backend
+    import itemrt.backends.tensorrt as backend
 
     tree = ast.parse(inspect.getsource(backend))
 
@@ -323,7 +323,7 @@ def test_every_tensorrt_name_exists_in_the_bindings(version, request):
     import sys
     import zipfile
 
-    from itemrt import tensorrt as backend
+    from itemrt.backends import tensorrt as backend
     from itemrt.export import build
 
     folder = request.config.cache.mkdir("tensorrt-bindings")
@@ -415,7 +415,7 @@ def _cuda_gpu() -> str | None:
     if importlib.util.find_spec("cuda") is None:
         return "cuda-python is not installed"
     try:
-        from itemrt.tensorrt import device_info
+        from itemrt.backends.tensorrt import device_info
 
         device_info()
     except Exception as e:  # noqa: BLE001 - any failure means no usable GPU here
@@ -452,7 +452,7 @@ def test_device_buffers_move_data_and_replay_captured_graphs_on_a_gpu():
     """The CUDA half of the TensorRT backend on a real GPU: pinned views, uploads, downloads, and
     the capture-once-then-replay protocol the decoder steps use. The work enqueued in place of
     an engine is a device-to-device copy, so every replay must see the data uploaded just before."""
-    from itemrt.tensorrt import (
+    from itemrt.backends.tensorrt import (
         DeviceBuffers,
         GraphCaptureError,
         _check,

@@ -13,10 +13,10 @@ import pytest
 from itemrt import Runtime
 from itemrt.bundle import Bundle
 from itemrt.cli import main as item
-from itemrt.dataset import load_dataset
+from itemrt.datasets.dataset import load_dataset
 from itemrt.errors import DatasetError, FeatureStoreError
-from itemrt.features import BAD, LOG, FeatureStore, _pack, extract, read_features
-from itemrt.recipe import RECIPES
+from itemrt.datasets.features import BAD, LOG, FeatureStore, _pack, extract, read_features
+from itemrt.stages.recipe import RECIPES
 from PIL import Image, ImageDraw
 
 SPLIT_SIZES = {"train": 24, "val": 10, "test": 10}  # per class
@@ -296,7 +296,7 @@ def test_head_check_equals_a_full_rerun_with_the_trained_head(trained, bundle, s
     from itemrt.export.parity import reference_cases
     from itemrt.export.pipeline import PROBE_WORDS
     from itemrt.export.reference import reference_for_bundle
-    from itemrt.images import load_image
+    from itemrt.stages.images import load_image
 
     m = Bundle.open(bundle).manifest
     check = m["head"]["chain_check"]

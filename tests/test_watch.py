@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from itemrt.errors import PathError
-from itemrt.watch import Watcher
+from itemrt.gateways.watch import Watcher
 
 
 def _lines(path):

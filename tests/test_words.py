@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import pytest
-from itemrt.words import Vocabulary
+from itemrt.stages.words import Vocabulary
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import Session
-from .errors import BundleVersionError
-from .tensorrt import DeviceArray, TrtSession
+from ..backends.ort import Session
+from ..errors import BundleVersionError
+from ..backends.tensorrt import DeviceArray, TrtSession
 from .text import TextTokenizer
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
-from .errors import DatasetError
+from ..errors import DatasetError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 LABEL_DIRS = {"real": 0, "0_real": 0, "nature": 0, "fake": 1, "1_fake": 1, "ai": 1}

@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from .dataset import Sample
-from .errors import FeatureStoreError, ImageError
-from .images import load_image
-from .interrupts import signals_held
+from ..errors import FeatureStoreError, ImageError
+from ..stages.images import load_image
+from ..interrupts import signals_held
 from .perturb import apply as perturb
-from .progress import Progress
-from .recipe import Pairs, recipe
-from .results import Analysis
+from ..progress import Progress
+from ..stages.recipe import Pairs, recipe
+from ..results import Analysis
 
 FORMAT, VERSION = "itemrt-features", 1
 META, LOG, BAD = "meta.json", "pending.log", "bad.jsonl"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import BundleVersionError
+from ..errors import BundleVersionError
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from .errors import ItemError
+from ..errors import ItemError
 
 log = logging.getLogger(__name__)
 

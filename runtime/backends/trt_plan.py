@@ -2,7 +2,7 @@
 their optimization profiles (from the manifest), device buffer planning, and the checks
 that make a plan from another TensorRT version or GPU fail closed with the rebuild command.
 
-`itemrt.export.build` (the builder) and `itemrt.tensorrt` (the runtime backend) are thin
+`itemrt.export.build` (the builder) and `itemrt.backends.tensorrt` (the runtime backend) are thin
 layers over the documented TensorRT 10.x / 11.x API that use this module for the rest.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .errors import BundleVersionError
+from ..errors import BundleVersionError
 
 # The graphs that become plans. The object words' text towers are replaced by the bundle's
 # word bank, so detector_text never runs; the head (a few-KB MLP, microseconds) stays on ONNX

@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .batcher import Batcher, QueueFull
-from .errors import ImageError, ImageTooLargeError, ItemError, PathError
-from .images import DEFAULT_LIMITS, load_image
+from ..errors import ImageError, ImageTooLargeError, ItemError, PathError
+from ..samples import images as sample_images
+from ..stages.images import DEFAULT_LIMITS, load_image
 
 STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -156,7 +157,7 @@ def create_app(cfg: ServeConfig):
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    from .runtime import Runtime
+    from ..runtime import Runtime
 
     metrics = Metrics()
     # detect requests a handler took, by the status it answered; "cancelled": cut by a shutdown
@@ -171,9 +172,7 @@ def create_app(cfg: ServeConfig):
         # a batch is one pass; a /v1/detect/batch request of more images runs in passes of it
         rt = await run_in_threadpool(Runtime, cfg.bundle, precision=cfg.precision, backend=cfg.backend,
                                       threads=cfg.threads, max_batch=cfg.max_batch)
-        from .cli import SAMPLES
-
-        samples = sorted(SAMPLES.glob("*.jpg"))[:1]
+        samples = sample_images()[:1]
         if samples:  # warm: first runs allocate and plan
             await run_in_threadpool(rt.detect, samples[0])
         batcher = Batcher(rt, max_batch=cfg.max_batch, max_wait_s=cfg.max_wait_ms / 1e3,

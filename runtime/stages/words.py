@@ -14,7 +14,7 @@ from pathlib import Path
 
 _TOKEN = re.compile(r"[a-z]+")
 
-DEFAULT_VOCABULARY = Path(__file__).with_name("data") / "vocabulary.json"
+DEFAULT_VOCABULARY = Path(__file__).parents[1] / "data" / "vocabulary.json"
 
 # Fixed vocabulary words, in this order, for fixed-work runs: parity checks (random-weight
 # captions rarely name objects) and profiling (`item-bench --objects N`).

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import BackendUnavailableError, BundleError, InferenceError
+from ..errors import BackendUnavailableError, BundleError, InferenceError
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32,

@@ -59,9 +59,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ImageError, PathError
-from .interrupts import signals_held
-from .paths import writable_folder
+from ..errors import ImageError, PathError
+from ..interrupts import signals_held
+from ..paths import writable_folder
 
 SKIP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
 MAX_TRIES = 3

@@ -7,7 +7,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .backend import Session
+from ..backends.ort import Session
 from .text import TextTower
 
 

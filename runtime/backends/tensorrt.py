@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import check_feeds
-from .errors import BackendUnavailableError, BundleIntegrityError, BundleVersionError
+from .ort import check_feeds
+from ..errors import BackendUnavailableError, BundleIntegrityError, BundleVersionError
 from .trt_plan import ALIGN, KV_SCRATCH, BufferPlan, check_shape, worker_plan
 
 MIN_TENSORRT = 10  # strongly typed networks and name-based I/O (`set_tensor_address`, `execute_async_v3`)

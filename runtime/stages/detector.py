@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import Session
+from ..backends.ort import Session
 
 
 @dataclass(frozen=True)

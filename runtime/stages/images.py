@@ -21,7 +21,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import (
+from ..errors import (
     CorruptImageError,
     ImageError,
     ImageNotFoundError,

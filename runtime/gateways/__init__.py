@@ -1,0 +1,1 @@
+"""The gateways: `item serve` (server, batcher) and `item watch`."""
