@@ -28,9 +28,8 @@ from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
-from PIL import Image
-
 from itemrt.argtypes import COUNT
+from PIL import Image
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -109,11 +108,10 @@ def _measured(fn: Callable[[], object]) -> tuple[object, dict]:
 
 
 def _full_specs():
+    from itemrt.export.models import image_spec
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.owlvit.image_processing_pil_owlvit import OwlViTImageProcessorPil
-
-    from itemrt.export.models import image_spec
 
     return [image_spec(p()) for p in (BlipImageProcessorPil, OwlViTImageProcessorPil, CLIPImageProcessorPil)]
 
@@ -164,9 +162,9 @@ def _inputs_table(names: list[str]) -> None:
 
 
 def _server_table(bundle: str, names: list[str], small: int, serve_args: list[str]) -> None:
-    from .load import free_port, request, start_server
-
     from itemrt.samples import images as sample_images
+
+    from .load import free_port, request, start_server
 
     valid = sample_images()[0].read_bytes()
     port = free_port()

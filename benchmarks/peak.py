@@ -39,9 +39,9 @@ def _matmul_model(path: Path, k: int, n: int) -> None:
 
 def measure(threads: int = 0, repeats: int = 20) -> dict:
     """Per precision, GFLOP/s (INT8: GOP/s) of the best of `repeats` runs at its best shape."""
+    from itemrt.backends.openvino import bf16_support
     from itemrt.backends.ort import SessionOptions
     from itemrt.export.precision import convert
-    from itemrt.backends.openvino import bf16_support
 
     out: dict = {"shapes_mkn": [list(s) for s in SHAPES]}
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,8 +19,6 @@ import os
 import time
 from pathlib import Path
 
-from itemrt.bundle import Bundle, sha256_file, write_manifest
-from itemrt.errors import ItemError
 from itemrt.backends.tensorrt import device_info, import_tensorrt
 from itemrt.backends.trt_plan import (
     ENGINE_COMPONENTS,
@@ -30,10 +28,8 @@ from itemrt.backends.trt_plan import (
     rebuild_command,
     target_key,
 )
-
-
-class BuildError(ItemError):
-    code = "build_failed"
+from itemrt.bundle import Bundle, sha256_file, write_manifest
+from itemrt.errors import BuildError
 
 
 def _monitor(trt, name: str, progress):

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 from itemrt.backends.ort import OrtSession, SessionOptions
 from itemrt.bundle import Bundle
-from itemrt.errors import DatasetError
 from itemrt.datasets.features import Features, extract, read_features
-from itemrt.paths import writable_folder
 from itemrt.datasets.perturb import parse as parse_perturbation
+from itemrt.errors import DatasetError
+from itemrt.paths import writable_folder
 
 from . import metrics
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import itemrt
 import numpy as np
 import torch
+from itemrt.backends.openvino import require_bf16
 from itemrt.backends.ort import OrtSession, SessionOptions
 from itemrt.bundle import (
     FORMAT,
@@ -28,15 +29,14 @@ from itemrt.bundle import (
     sha256_file,
     write_manifest,
 )
-from itemrt.stages.captioner import cross_inputs
-from itemrt.errors import ItemError, PathError
-from itemrt.stages.images import load_image
-from itemrt.backends.openvino import require_bf16
+from itemrt.errors import ParityError, PathError
 from itemrt.paths import writable_folder
+from itemrt.runtime import Runtime, open_session
 from itemrt.samples import images as sample_images
+from itemrt.stages.captioner import cross_inputs
+from itemrt.stages.images import load_image
 from itemrt.stages.preprocess import preprocess
 from itemrt.stages.recipe import recipe
-from itemrt.runtime import Runtime, open_session
 from itemrt.stages.text import TextTokenizer, TextTower, TokenizerSpec
 from itemrt.stages.words import DEFAULT_VOCABULARY, PROBE_WORDS, Vocabulary
 
@@ -70,10 +70,6 @@ from .random_init import build_random_checkpoints, size_config
 from .reference import reference_for_bundle
 
 DEFAULT_HEAD = {"hidden": [512, 128], "dropout": 0.1}
-
-
-class ParityError(ItemError):
-    code = "parity_failed"
 
 
 def random_checkpoints(size: str, seed: int, progress=print) -> dict[str, Source]:

@@ -22,8 +22,8 @@ import torch
 from itemrt.backends.ort import OrtSession, SessionOptions
 from itemrt.bundle import TRAINING_DIR, Bundle, sha256_file, write_manifest
 from itemrt.datasets.dataset import SPLITS
-from itemrt.errors import DatasetError
 from itemrt.datasets.features import Features, read_features
+from itemrt.errors import DatasetError, ParityError
 from itemrt.stages.recipe import recipe
 from torch import nn
 
@@ -32,7 +32,7 @@ from .evaluate import head_p_fake, markdown_table
 from .head import MLPHead, save_head
 from .onnx_io import export_onnx
 from .parity import CHAIN_PAIRS, FP32, compare, head_check, load_chain_pairs
-from .pipeline import ParityError, default_precision
+from .pipeline import default_precision
 
 
 @dataclass

@@ -22,9 +22,9 @@ from .errors import (
     UnsupportedModelError,
     WeightsNotFoundError,
 )
-from .stages.images import ImageLimits
 from .results import DetectionResult, ObjectResult
 from .runtime import Runtime
+from .stages.images import ImageLimits
 
 __version__ = "0.2.0"  # 0.2: bundle format 2 (per-layer cross K/V in the decoder)
 

@@ -15,6 +15,7 @@ from .argtypes import COUNT, FRACTION, PORT, SECONDS, THREADS, number
 from .backends.ort import BACKENDS
 from .bundle import PRECISIONS
 from .datasets.dataset import DEFAULT_RATIOS, IMAGE_SUFFIXES
+from .datasets.perturb import argument as perturbation_argument
 from .errors import (
     BundleError,
     BundleIntegrityError,
@@ -24,7 +25,6 @@ from .errors import (
     PathError,
     UnsupportedImageError,
 )
-from .datasets.perturb import argument as perturbation_argument
 from .gateways.watch import SETTLE_S
 from .samples import images as sample_images
 
@@ -37,9 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="item", description="ITEM-RT: fake-image detection by image-text misalignment")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    from itemrt.export import (
-        cli as export_cli,  # torch is imported only when one of these runs
-    )
+    from itemrt.export import cli as export_cli  # torch is imported only when one of these runs
 
     e = sub.add_parser("export", help="export frozen models to a bundle (needs the [export] extra)")
     export_cli.add_arguments(e)
@@ -212,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _detect(args) -> int:
-    from .stages.explain import render
     from .runtime import Runtime
+    from .stages.explain import render
 
     if not args.bundle:
         print("item detect: give --bundle or set ITEM_BUNDLE", file=sys.stderr)
@@ -303,8 +301,8 @@ def _stderr(msg: str) -> None:
 
 
 def _build(args) -> int:
-    from .export.build import build_engines
     from .backends.trt_plan import BuildSettings
+    from .export.build import build_engines
 
     settings = BuildSettings(max_batch=args.max_batch, workspace_gb=args.workspace_gb, opt_batch=args.opt_batch)
     build_engines(args.bundle, settings, precision=args.precision, progress=_stderr)
@@ -478,8 +476,8 @@ def _serve(args) -> int:
 
 
 def _watch(args) -> int:
-    from .runtime import Runtime
     from .gateways.watch import Watcher
+    from .runtime import Runtime
 
     if not args.bundle:
         print("item watch: give --bundle or set ITEM_BUNDLE", file=sys.stderr)

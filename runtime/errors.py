@@ -84,6 +84,19 @@ class BackendUnavailableError(ItemError):
     code = "backend_unavailable"
 
 
+class DeviceError(ItemError, RuntimeError):
+    """The GPU or its driver failed a call (CUDA, a TensorRT execution context)."""
+
+    code = "device_error"
+
+
+class GraphCaptureError(DeviceError):
+    """Work queued on a stream could not be captured as a CUDA graph (the caller falls back to
+    launching it directly)."""
+
+    code = "graph_capture_failed"
+
+
 class InferenceError(ItemError, RuntimeError):
     """A graph failed inside its engine with inputs of the right names and dtypes: most often a
     manifest whose numbers (sizes, layers, heads) disagree with the graphs, or no memory left."""
@@ -110,6 +123,38 @@ class UnsupportedModelError(ItemError, ValueError):
     """A checkpoint whose architecture the export cannot reproduce faithfully."""
 
     code = "unsupported_model"
+
+
+# --- export and build ----------------------------------------------------------------------
+
+
+class ParityError(ItemError):
+    """An exported graph (or the chain) differs from its PyTorch original beyond its tolerance."""
+
+    code = "parity_failed"
+
+
+class BuildError(ItemError):
+    """`item build` could not make a TensorRT engine from a bundle's graph."""
+
+    code = "build_failed"
+
+
+# --- the gateway ---------------------------------------------------------------------------
+
+
+class QueueFull(ItemError):
+    """The batcher has no free in-flight place (`item serve` answers 429)."""
+
+    code = "queue_full"
+
+
+class HTTPError(ItemError):
+    """An answer `item serve` gives instead of a result: an HTTP status, a typed code, a message."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.headers = status, code, headers or {}
 
 
 # --- datasets, features, training ----------------------------------------------------------

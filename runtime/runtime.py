@@ -16,25 +16,25 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .backends.openvino import OvSession
 from .backends.ort import BACKENDS, OrtSession, Session, SessionOptions, ort_providers
+from .backends.tensorrt import TrtSession, device_info, import_tensorrt
+from .backends.trt_plan import PLANS_DIR, rebuild_command, select_plans
 from .bundle import PRECISIONS, Bundle
-from .stages.captioner import Captioner, DecodingSpec
-from .stages.clip import Clip
-from .stages.detector import Detection, Detector
 from .errors import (
     BundleIntegrityError,
     BundleVersionError,
     ImageError,
     RuntimeClosedError,
 )
+from .results import Analysis, DetectionResult, ObjectResult
+from .stages.captioner import Captioner, DecodingSpec
+from .stages.clip import Clip
+from .stages.detector import Detection, Detector
 from .stages.images import DEFAULT_LIMITS, ImageInput, ImageLimits, crop_box, load_image
-from .backends.openvino import OvSession
 from .stages.preprocess import ImageSpec, preprocess
 from .stages.recipe import Pairs, distances, recipe
-from .results import Analysis, DetectionResult, ObjectResult
-from .backends.tensorrt import TrtSession, device_info, import_tensorrt
 from .stages.text import TextTokenizer, TextTower, TokenizerSpec
-from .backends.trt_plan import PLANS_DIR, rebuild_command, select_plans
 from .stages.words import Vocabulary
 
 

@@ -17,8 +17,8 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, cache_dir) -> Path:
-    from itemrt.export.pipeline import export_bundle
     from itemrt.backends.openvino import bf16_support
+    from itemrt.export.pipeline import export_bundle
 
     out = tmp_path_factory.mktemp("engines") / "tiny"
     # bf16 is gated on the exporting CPU: only where it has BF16 units (tests then skip with why).

@@ -8,7 +8,8 @@ import threading
 import time
 
 import pytest
-from itemrt.gateways.batcher import Batcher, QueueFull
+from itemrt.errors import QueueFull
+from itemrt.gateways.batcher import Batcher
 from itemrt.stages.images import load_image
 
 

@@ -357,8 +357,9 @@ def test_hold_is_entered_with_the_claimed_pixels_before_decoding():
     """item serve's pixel budget: load_image enters `hold` with what the header claims, weighed
     by what its format costs to decode, and nothing is decoded before it is entered or once the
     claim is over the limits."""
-    from itemrt.stages.images import DECODE_BYTES, decode_cost
     from contextlib import contextmanager
+
+    from itemrt.stages.images import DECODE_BYTES, decode_cost
 
     held = []
 

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from itemrt.backends.ort import OrtSession
 from itemrt.backends.openvino import bf16_support
+from itemrt.backends.ort import OrtSession
 
 
 @pytest.fixture(scope="module")

@@ -318,8 +318,8 @@ def test_mixed_takes_int8_then_bf16_and_is_gated_as_one_chain(tiny_bundle):
     """Precision mixed: every graph INT8's chain gate took, plus the graphs only BF16's took;
     recorded with its own chain gate; the runtime runs each graph in its recorded precision."""
     from itemrt import Runtime
-    from itemrt.bundle import Bundle
     from itemrt.backends.openvino import OvSession
+    from itemrt.bundle import Bundle
 
     need_precision(tiny_bundle, "bf16")
     q = json.loads((tiny_bundle / "manifest.json").read_text())["precisions"]

@@ -16,9 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from itemrt import Runtime
-from itemrt.bundle import Bundle, sha256_file
-from itemrt.cli import main as item
-from itemrt.errors import BackendUnavailableError, BundleVersionError
 from itemrt.backends.trt_plan import (
     ALIGN,
     ENGINE_COMPONENTS,
@@ -33,6 +30,9 @@ from itemrt.backends.trt_plan import (
     target_key,
     worker_plan,
 )
+from itemrt.bundle import Bundle, sha256_file
+from itemrt.cli import main as item
+from itemrt.errors import BackendUnavailableError, BundleVersionError
 
 
 def test_profiles_follow_the_bundle_limits(tiny_bundle):
@@ -454,11 +454,11 @@ def test_device_buffers_move_data_and_replay_captured_graphs_on_a_gpu():
     an engine is a device-to-device copy, so every replay must see the data uploaded just before."""
     from itemrt.backends.tensorrt import (
         DeviceBuffers,
-        GraphCaptureError,
         _check,
         _cudart,
         device_info,
     )
+    from itemrt.errors import GraphCaptureError
 
     cudart = _cudart()
     name, cc = device_info()

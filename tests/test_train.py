@@ -14,8 +14,8 @@ from itemrt import Runtime
 from itemrt.bundle import Bundle
 from itemrt.cli import main as item
 from itemrt.datasets.dataset import load_dataset
-from itemrt.errors import DatasetError, FeatureStoreError
 from itemrt.datasets.features import BAD, LOG, FeatureStore, _pack, extract, read_features
+from itemrt.errors import DatasetError, FeatureStoreError
 from itemrt.stages.recipe import RECIPES
 from PIL import Image, ImageDraw
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .ort import check_feeds
 from ..errors import BackendUnavailableError, BundleError, InferenceError
+from .ort import check_feeds
 
 INSTALL_HINT = "pip install 'itemrt[openvino]'"
 

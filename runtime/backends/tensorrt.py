@@ -29,8 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import (
+    BackendUnavailableError,
+    BundleIntegrityError,
+    BundleVersionError,
+    DeviceError,
+    GraphCaptureError,
+    InferenceError,
+)
 from .ort import check_feeds
-from ..errors import BackendUnavailableError, BundleIntegrityError, BundleVersionError
 from .trt_plan import ALIGN, KV_SCRATCH, BufferPlan, check_shape, worker_plan
 
 MIN_TENSORRT = 10  # strongly typed networks and name-based I/O (`set_tensor_address`, `execute_async_v3`)
@@ -74,7 +81,7 @@ def _check(result):
     cudart = _cudart()
     err, rest = result[0], result[1:]
     if err != cudart.cudaError_t.cudaSuccess:
-        raise RuntimeError(f"CUDA error {err}")
+        raise DeviceError(f"CUDA error {err}")
     return rest[0] if len(rest) == 1 else rest
 
 
@@ -185,17 +192,13 @@ class DeviceBuffers:
         self.host = self.device = None
 
 
-class GraphCaptureError(RuntimeError):
-    """Work queued on a stream could not be captured as a CUDA graph."""
-
-
 class _Worker:
     """One thread's TensorRT execution context on its own `DeviceBuffers`."""
 
     def __init__(self, engine, inputs: dict, outputs: list[str], profile: dict, dtypes: dict):
         self.ctx = engine.create_execution_context()
         if self.ctx is None:
-            raise RuntimeError("TensorRT could not create an execution context (out of device memory?)")
+            raise DeviceError("TensorRT could not create an execution context (out of device memory?)")
         cudart = _cudart()
         stream = _check(cudart.cudaStreamCreate())
         self.ctx.set_optimization_profile_async(0, stream)
@@ -286,14 +289,14 @@ class TrtSession:
 
     def _enqueue(self, feeds: dict[str, np.ndarray]) -> _Worker:
         if "present_kv" in self.outputs:  # its workers hold no slots for K/V (trt_plan.worker_plan)
-            raise RuntimeError(f"{self.name}: a decoder plan runs step by step through kv_loop, not run()")
+            raise InferenceError(f"{self.name}: a decoder plan runs step by step through kv_loop, not run()")
         check_feeds(self.name, self.inputs, feeds)
         w = self._worker()
         for name, x in feeds.items():
             self._set_shape(w, name, x.shape)
             w.buf.upload(name, x)
         if not w.execute():
-            raise RuntimeError(f"{self.name}: TensorRT execution failed")
+            raise InferenceError(f"{self.name}: TensorRT execution failed")
         return w
 
     def kv_loop(self, cross: dict[str, DeviceArray], kv_shape: tuple[int, ...]) -> DeviceKV:
@@ -347,7 +350,7 @@ class DeviceKV:
                     f"rebuild: {session.rebuild}"
                 )
             if x.address % ALIGN:  # offsets of B*H*S*Dh*itemsize bytes: BLIP's (H=12, Dh=64) always are
-                raise RuntimeError(f"{session.name}: {name} at a device address not aligned to {ALIGN} bytes")
+                raise DeviceError(f"{session.name}: {name} at a device address not aligned to {ALIGN} bytes")
             session._set_shape(worker, name, x.shape)
             worker.ctx.set_tensor_address(name, x.address)
         self.buffers = tuple(worker.buf.address(b) for b in KV_SCRATCH)
@@ -361,7 +364,7 @@ class DeviceKV:
         w.ctx.set_tensor_address("present_kv", self.buffers[(t + 1) % 2])
         w.buf.upload("input_ids", ids)
         if not w.execute(graph_key=(ids.shape, t)):
-            raise RuntimeError(f"{s.name}: TensorRT execution failed at decoder step {t}")
+            raise InferenceError(f"{s.name}: TensorRT execution failed at decoder step {t}")
         shape = s._output_shape(w, "logits")
         w.buf.download("logits", shape)
         w.buf.sync()

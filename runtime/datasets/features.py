@@ -25,14 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import Sample
 from ..errors import FeatureStoreError, ImageError
-from ..stages.images import load_image
 from ..interrupts import signals_held
-from .perturb import apply as perturb
 from ..progress import Progress
-from ..stages.recipe import Pairs, recipe
 from ..results import Analysis
+from ..stages.images import load_image
+from ..stages.recipe import Pairs, recipe
+from .dataset import Sample
+from .perturb import apply as perturb
 
 FORMAT, VERSION = "itemrt-features", 1
 META, LOG, BAD = "meta.json", "pending.log", "bad.jsonl"

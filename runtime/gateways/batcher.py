@@ -21,13 +21,9 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from ..errors import ItemError
+from ..errors import QueueFull
 
 log = logging.getLogger(__name__)
-
-
-class QueueFull(ItemError):
-    code = "queue_full"
 
 
 @dataclass

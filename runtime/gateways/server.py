@@ -25,10 +25,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .batcher import Batcher, QueueFull
-from ..errors import ImageError, ImageTooLargeError, ItemError, PathError
+from ..errors import HTTPError, ImageError, ImageTooLargeError, ItemError, PathError, QueueFull
 from ..samples import images as sample_images
 from ..stages.images import DEFAULT_LIMITS, load_image
+from .batcher import Batcher
 
 STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -90,12 +90,6 @@ class PixelBudget:
                 self._cond.notify_all()
 
 
-class HTTPError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.code, self.headers = status, code, headers or {}
-
-
 def _image_status(e: ImageError) -> int:
     return 413 if isinstance(e, ImageTooLargeError) else 422
 
@@ -151,8 +145,8 @@ def create_app(cfg: ServeConfig):
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
-    from starlette.middleware import Middleware
     from starlette.concurrency import run_in_threadpool
+    from starlette.middleware import Middleware
     from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route

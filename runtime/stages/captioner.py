@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backends.ort import Session
-from ..errors import BundleVersionError
 from ..backends.tensorrt import DeviceArray, TrtSession
+from ..errors import BundleVersionError
 from .text import TextTokenizer
 
 
