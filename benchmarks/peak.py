@@ -74,9 +74,9 @@ def merge(a: dict, b: dict) -> dict:
 
 
 def _best_seconds(path: Path, precision: str, x: np.ndarray, options, repeats: int) -> float:
-    from itemrt.runtime import open_session
+    from itemrt.backends import open_cpu
 
-    s = open_session(path, f"peak_{precision}", precision, options)
+    s = open_cpu(path, f"peak_{precision}", precision, options)
     s.run({"x": x})
     best = float("inf")
     for _ in range(repeats):

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from itemrt.backends.ort import BACKENDS
+from itemrt.backends import BACKENDS
 from itemrt.stages.words import PROBE_WORDS
 
 

@@ -16,11 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .backends.openvino import OvSession
-from .backends.ort import BACKENDS, OrtSession, Session, SessionOptions, ort_providers
-from .backends.tensorrt import TrtSession, device_info, import_tensorrt
-from .backends.trt_plan import PLANS_DIR, rebuild_command, select_plans
-from .bundle import PRECISIONS, Bundle
+from .backends import backend_class
+from .backends.base import Session
+from .bundle import Bundle
 from .errors import (
     BundleIntegrityError,
     BundleVersionError,
@@ -66,14 +64,6 @@ class WordBank:
         return [self.index[w] for w in words]
 
 
-def open_session(path: Path, name: str, precision: str, options: SessionOptions | None = None) -> Session:
-    """A graph of `precision` on the CPU backend: bf16 on OpenVINO, the rest on ONNX Runtime."""
-    options = options or SessionOptions()
-    if precision == "bf16":
-        return OvSession(path, name, options.threads)
-    return OrtSession(path, name, replace(options, optimization=options.optimization_for(precision)))
-
-
 class Runtime:
     """Load a bundle once; detect on paths, bytes, binary file objects, PIL images or HxWx3
     uint8 arrays.
@@ -95,8 +85,8 @@ class Runtime:
     batch the TensorRT plans were built for.
 
     Thread-safe: sessions are shared, caches are locked. `parallel` runs the captioner and
-    the detector's image side side by side; on 2 cores that measured slower (item-bench,
-    full size: 7.4 s vs 6.4 s p50) because both stages are compute-bound, so it is off by default.
+    the detector's image side side by side; off by default, because on small CPUs both stages
+    are compute-bound and it measured slower (docs/performance.md).
     """
 
     def __init__(
@@ -113,8 +103,7 @@ class Runtime:
         max_batch: int | None = None,
     ):
         # Arguments first: a bad one fails before any graph is loaded.
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        engine = backend_class(backend)
         if threads < 0:
             raise ValueError(f"threads must be 0 (all cores) or more, got {threads}")
         if max_batch is not None and max_batch < 1:
@@ -122,50 +111,25 @@ class Runtime:
         self.bundle = b = Bundle.open(bundle, verify=verify)
         m = b.manifest
         self.backend = backend
-        # TensorRT runs what `item build` built; the other GPU backends prefer gated FP16 graphs.
-        plans = self._plans(b, precision) if backend == "tensorrt" else None
-        gpu_default = "fp16" if "fp16" in b.precisions() else "fp32"
-        self.precision = precision or (plans or {}).get("precision") or (
-            b.default_precision if backend == "onnxruntime" else gpu_default)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        if self.precision not in b.precisions():
-            raise BundleVersionError(
-                f"bundle {b.root} has no {self.precision} graphs (it has {b.precisions()}); "
-                f"re-export it with `item export --precisions {'int8 bf16' if self.precision == 'mixed' else self.precision} ...`"
-            )
-        if self.precision in ("bf16", "mixed") and backend != "onnxruntime":
-            raise ValueError(f"precision {self.precision} is a CPU path (OpenVINO on AMX); backend {backend} runs fp32 / fp16")
-        opts = SessionOptions(threads=threads, profile_prefix=profile_prefix,
-                              providers=ort_providers("onnxruntime" if plans else backend, b.root / PLANS_DIR / "ort-cache"))
-        self.precisions: dict[str, str] = {}
+        self.engine = engine(backend, b, precision, threads, profile_prefix)
+        self.precision = self.engine.precision
+        self.precisions: dict[str, str] = {}  # what each graph really runs in
         self.sessions: dict[str, Session] = {}
-
-        def session(name: str) -> Session:
-            if plans and name in plans["plans"]:
-                rec = plans["plans"][name]
-                self.precisions[name] = rec["precision"]
-                self.sessions[name] = TrtSession(b.file(rec["file"]), name, rebuild_command(b.root, plans["settings"]))
-                return self.sessions[name]
-            path, prec = b.component_path(name, self.precision)
-            self.precisions[name] = prec
-            self.sessions[name] = open_session(path, name, prec, opts)
-            return self.sessions[name]
 
         def tokenizer(section: str) -> TextTokenizer:
             spec = TokenizerSpec.from_dict(m[section]["tokenizer"])
             return TextTokenizer(b.file(spec.file), spec)
 
         self.captioner = Captioner(
-            session("captioner_vision"),
-            session("captioner_cross_kv"),
-            session("captioner_decoder"),
+            self._open("captioner_vision"),
+            self._open("captioner_cross_kv"),
+            self._open("captioner_decoder"),
             tokenizer("captioner"),
             DecodingSpec.from_dict(m["captioner"]["decoding"]),
         )
-        self.detector = Detector(session("detector_image"), session("detector_head"))
-        self.clip = Clip(session("clip_image"), TextTower(session("clip_text"), tokenizer("clip"), "text_embeds"))
-        self.head = session("head")
+        self.detector = Detector(self._open("detector_image"), self._open("detector_head"))
+        self.clip = Clip(self._open("clip_image"), TextTower(self._open("clip_text"), tokenizer("clip"), "text_embeds"))
+        self.head = self._open("head")
         self.specs = {k: ImageSpec.from_dict(m[k]["preprocess"]) for k in ("captioner", "detector", "clip")}
         self.vocabulary = Vocabulary.load(b.file(m["words"]["vocabulary"]))
         self.bank = WordBank(b.file(m["words"]["bank"]), self.vocabulary)
@@ -174,26 +138,16 @@ class Runtime:
         self.features, _ = recipe(m["head"]["recipe"])
         self.threshold = float(m["head"]["threshold"])
         self.image_limits = image_limits
-        caps = [x for x in (max_batch, int(plans["settings"]["max_batch"]) if plans else None) if x is not None]
+        caps = [x for x in (max_batch, self.engine.max_batch) if x is not None]
         self.max_batch = min(caps) if caps else 8
         self._closed = False
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="itemrt") if parallel else None
         # image decoding and resizing (Pillow, GIL released), whatever `parallel` says
         self._image_pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="itemrt-image")
 
-    @staticmethod
-    def _plans(b: Bundle, precision: str | None) -> dict:
-        """This machine's TensorRT build from the manifest; fails closed with the rebuild command."""
-        trt = import_tensorrt()
-        gpu, cc = device_info()
-        build = select_plans(b.manifest, b.root, trt.__version__, gpu, cc)
-        if precision not in (None, build["precision"]):
-            raise BundleVersionError(
-                f"the TensorRT engines of {b.root} were built from {build['precision']} graphs, not {precision}; "
-                f"run with precision={build['precision']!r} or rebuild: {rebuild_command(b.root, build['settings'])} "
-                f"--precision {precision}"
-            )
-        return build
+    def _open(self, graph: str) -> Session:
+        self.sessions[graph], self.precisions[graph] = self.engine.open(graph)
+        return self.sessions[graph]
 
     # --- public API ---------------------------------------------------------------------
 
@@ -246,8 +200,7 @@ class Runtime:
             return
         self._closed = True
         for s in self.sessions.values():
-            if isinstance(s, TrtSession):
-                s.close()
+            s.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None

@@ -46,8 +46,8 @@ def runtime(tiny_bundle):
 
 @pytest.fixture(scope="session")
 def samples() -> list[Path]:
-    from itemrt.export.pipeline import sample_images
+    from itemrt.samples import images
 
-    paths = sample_images()
+    paths = images()
     assert len(paths) >= 4
     return paths

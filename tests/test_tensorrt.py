@@ -30,6 +30,7 @@ from itemrt.backends.trt_plan import (
     target_key,
     worker_plan,
 )
+from itemrt.backends.base import HostSession
 from itemrt.bundle import Bundle, sha256_file
 from itemrt.cli import main as item
 from itemrt.errors import BackendUnavailableError, BundleVersionError
@@ -56,8 +57,8 @@ def test_profiles_follow_the_bundle_limits(tiny_bundle):
         profiles(bad, s)
 
 
-class Recording:
-    """Wraps a real session and records the input shapes the runtime feeds it."""
+class Recording(HostSession):
+    """Wraps a real host session and records the input shapes the runtime feeds it."""
 
     def __init__(self, session, log):
         self.session, self.log = session, log

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendUnavailableError, BundleError, InferenceError
-from .ort import check_feeds
+from .base import HostSession, check_feeds
 
 INSTALL_HINT = "pip install 'itemrt[openvino]'"
 
@@ -56,7 +56,7 @@ def require_bf16() -> None:
         raise BackendUnavailableError(why)
 
 
-class OvSession:
+class OvSession(HostSession):
     """Same interface as `OrtSession`. One infer request per calling thread, because a request
     holds its own intermediate buffers and is not thread-safe; outputs are copied out of it."""
 

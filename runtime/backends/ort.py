@@ -1,20 +1,15 @@
-"""Inference sessions with name-based I/O and loud failure.
-
-One small interface, `Session.run(feeds) -> outputs by name`, so the model modules do not
-care which engine runs a graph: ONNX Runtime (CPU by default, or its CUDA / TensorRT
-execution providers) here, OpenVINO's BF16 in `openvino.py`, TensorRT plans in `tensorrt.py`.
-"""
+"""ONNX Runtime sessions: on the CPU, or with its CUDA / TensorRT execution providers."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
 from ..errors import BackendUnavailableError, BundleError, InferenceError
+from .base import HostSession, check_feeds
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -47,18 +42,7 @@ class SessionOptions:
         return "extended" if precision == "fp16" else "all"
 
 
-class Session(Protocol):
-    """What the model modules need from a graph: OrtSession, OvSession (openvino.py) or
-    TrtSession (tensorrt.py)."""
-
-    name: str
-    inputs: dict[str, type]
-    outputs: list[str]
-
-    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]: ...
-
-
-class OrtSession:
+class OrtSession(HostSession):
     def __init__(self, path: Path, name: str, options: SessionOptions = SessionOptions()):
         import onnxruntime as ort
 
@@ -89,19 +73,6 @@ class OrtSession:
             return dict(zip(names, self._sess.run(names, feeds)))
         except Exception as e:  # noqa: BLE001 - ORT raises its own opaque types
             raise InferenceError(f"{self.name} failed in ONNX Runtime: {e}") from None
-
-
-def check_feeds(name: str, inputs: dict, feeds: dict[str, np.ndarray]) -> None:
-    """Name-based I/O fails loudly: every input by name, each in its exact dtype."""
-    if feeds.keys() != inputs.keys():
-        raise ValueError(f"{name}: inputs are {sorted(inputs)}, got {sorted(feeds)}")
-    for k, v in feeds.items():
-        if v.dtype != inputs[k]:
-            raise TypeError(f"{name}: input {k} must be {np.dtype(inputs[k])}, got {v.dtype}")
-
-
-# Backends a Runtime can use. The ORT ones differ only in execution providers.
-BACKENDS = ("onnxruntime", "ort-cuda", "ort-tensorrt", "tensorrt")
 
 
 def ort_providers(backend: str, cache_dir: Path | None = None) -> tuple:

@@ -37,7 +37,7 @@ from ..errors import (
     GraphCaptureError,
     InferenceError,
 )
-from .ort import check_feeds
+from .base import check_feeds
 from .trt_plan import ALIGN, KV_SCRATCH, BufferPlan, check_shape, worker_plan
 
 MIN_TENSORRT = 10  # strongly typed networks and name-based I/O (`set_tensor_address`, `execute_async_v3`)
@@ -230,6 +230,8 @@ class _Worker:
 class TrtSession:
     """`run(feeds) -> outputs by name`, like OrtSession, on a TensorRT plan."""
 
+    resident = True  # run_on_device leaves outputs in this thread's worker buffers
+
     def __init__(self, path: Path, name: str, rebuild: str):
         trt = import_tensorrt()
         self.name, self.rebuild = name, rebuild
@@ -329,7 +331,7 @@ class DeviceArray:
 
 
 class DeviceKV:
-    """One caption's decoder state on the GPU, with the step protocol of `captioner.HostKV`.
+    """One caption's decoder state on the GPU, with the step protocol of `base.HostKV`.
 
     Cross K/V are read in place from the cross-K/V plan's output buffers (same thread, so
     the addresses are fixed and no later image overwrites them mid-caption): nothing is

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backends.ort import Session
-from ..backends.tensorrt import DeviceArray, TrtSession
+from ..backends.base import Session
 from ..errors import BundleVersionError
 from .text import TextTokenizer
 
@@ -58,15 +57,13 @@ class Captioner:
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         return self.vision.run({"pixel_values": pixels})["image_embeds"]
 
-    def cross_kv(self, image_embeds: np.ndarray) -> tuple[np.ndarray | DeviceArray, np.ndarray | DeviceArray]:
-        """On TensorRT, K/V stay on the GPU for the decoder plan (`generate` on this thread)."""
+    def cross_kv(self, image_embeds: np.ndarray) -> tuple:
+        """K/V stay where the decoder takes them: on the device when both graphs run there
+        (`generate` on this thread), in host memory otherwise."""
         feeds = {"image_embeds": image_embeds}
-        out = self.cross.run_on_device(feeds) if self._on_device else self.cross.run(feeds)
+        resident = self.cross.resident and self.decoder.resident
+        out = self.cross.run_on_device(feeds) if resident else self.cross.run(feeds)
         return out["cross_k"], out["cross_v"]
-
-    @property
-    def _on_device(self) -> bool:
-        return isinstance(self.cross, TrtSession) and isinstance(self.decoder, TrtSession)
 
     def generate(self, cross_k, cross_v, max_new_tokens: int | None = None) -> Captions:
         """Greedy decoding, the same as `generate(do_sample=False, num_beams=1)` of the reference.
@@ -77,10 +74,7 @@ class Captioner:
         kv_shape = (s.layers, 2, batch, s.heads, 0, s.head_dim)
         # one input per layer: views into the stacked (L, B, H, S, Dh) K/V (axis 0 outermost: no copy)
         cross = dict(zip(cross_inputs(len(cross_k)), [*cross_k, *cross_v]))
-        if self._on_device:  # the cache stays on the GPU
-            kv = self.decoder.kv_loop(cross, kv_shape)
-        else:
-            kv = HostKV(self.decoder, cross, kv_shape)
+        kv = self.decoder.kv_loop(cross, kv_shape)  # the cache lives where the decoder runs
         ids = np.full((batch, 1), s.bos_id, np.int64)
         done = np.zeros(batch, bool)
         tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -95,15 +89,3 @@ class Captioner:
             ids = nxt[:, None].astype(np.int64)
         return Captions([self.tokenizer.decode(t) for t in tokens], tokens)
 
-
-class HostKV:
-    """Decoder state in host memory: each step feeds the last step's present K/V back as past."""
-
-    def __init__(self, decoder: Session, cross: dict[str, np.ndarray], kv_shape: tuple[int, ...]):
-        self.decoder, self.cross = decoder, cross
-        self.past = np.zeros(kv_shape, np.float32)
-
-    def step(self, ids: np.ndarray) -> np.ndarray:
-        out = self.decoder.run({"input_ids": ids, "past_kv": self.past, **self.cross})
-        self.past = out["present_kv"]
-        return out["logits"]

@@ -7,7 +7,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from ..backends.ort import Session
+from ..backends.base import Session
 from .text import TextTower
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backends.ort import Session
+from ..backends.base import Session
 
 
 @dataclass(frozen=True)
