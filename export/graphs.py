@@ -58,16 +58,14 @@ class BlipDecoderStep(nn.Module):
     -> logits of the last position (B, V), present_kv (L, 2, B, H, P+T, Dh)
 
     Cross K/V come in per layer because slicing a stacked (L, B, H, S, Dh) input copies it:
-    ONNX Runtime's Split of BLIP base's 2 x 21 MB was 10-11% of the decoder's time (item-bench's
-    op profile at full size on this project's Xeon, docs/performance.md). The runtime passes views of the stacked tensors
+    ONNX Runtime's Split of the stacked K/V was a tenth of the decoder's time (docs/performance.md).
+    The runtime passes views of the stacked tensors
     that the cross-K/V graph returns, so nothing is copied.
 
     A step is ~50 small nodes a layer, and each costs ONNX Runtime a few microseconds beyond its
     kernel, so the graph is written for few nodes: hidden states are (B*T, C) rows, which makes
     every Linear one Gemm with its bias fused, and heads are flattened by a constant reshape.
-    BLIP base went from 878 nodes a step after ONNX Runtime's optimization to 559, with the same
-    logits to the bit and 1.8 ms a token less (two ad hoc interleaved A/Bs of 20-token captions
-    on this project's Xeon: 1.1 ms, 12 of 12 pairs, then 0.7 ms, 22 of 30 pairs).
+    Same logits to the bit, fewer nodes and less time a token (docs/performance.md).
     """
 
     def __init__(self, blip):

@@ -12,7 +12,7 @@ from PIL import Image
 
 @dataclass(frozen=True)
 class Gates:
-    """What an exported graph, and the chain built from it, must keep (DESIGN.md section 6)."""
+    """What an exported graph, and the chain built from it, must keep (docs/design.md §6)."""
 
     cos_min: float  # worst row cosine of any embedding or output
     rel_max: float | None  # max error over the reference's scale (None: not gated)
@@ -48,7 +48,7 @@ def compare(ref: np.ndarray, got: np.ndarray, gates: Gates = FP32) -> dict:
 
 
 def compare_boxes(ref: np.ndarray, got: np.ndarray, gates: Gates = FP32) -> dict:
-    """cxcywh boxes (..., 4) in [0, 1]: gated by IoU, as boxes are used (DESIGN.md section 6).
+    """cxcywh boxes (..., 4) in [0, 1]: gated by IoU, as boxes are used (docs/design.md §6).
 
     Raw coordinates can differ by more than FP32 noise when random weights push the box
     head into the steep part of its sigmoid; what matters is the box the user gets."""

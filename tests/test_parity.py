@@ -1,4 +1,4 @@
-"""The contract: the ONNX Runtime chain matches the PyTorch reference chain (DESIGN.md section 6)."""
+"""The contract: the ONNX Runtime chain matches the PyTorch reference chain (docs/design.md §6)."""
 
 from __future__ import annotations
 

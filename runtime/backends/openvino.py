@@ -96,8 +96,8 @@ class OvSession(HostSession):
 
 def _compress_weights(model) -> None:
     """FP32 weights to FP16 before compiling. Otherwise the CPU plugin keeps the FP32 constants
-    next to its BF16 copies: CLIP ViT-L/14 held 2.5 GB after a batch of 5, 1.4 GB with this,
-    at the same cosine to ONNX Runtime FP32 (0.99992). FP16 has 3 more mantissa bits than BF16,
+    next to its BF16 copies, at the same cosine to ONNX Runtime FP32 (docs/design.md §10).
+    FP16 has 3 more mantissa bits than BF16,
     so the weights end up as BF16 rounding makes them, but for rare double-rounding ties (one
     BF16 step) and weights under FP16's normal range (6e-5; off by 3e-8 at most). The gate at
     export measures exactly this path."""

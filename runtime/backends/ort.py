@@ -37,7 +37,7 @@ class SessionOptions:
 
     @staticmethod
     def optimization_for(precision: str) -> str:
-        # ORT's highest level has crashed on FP16 graphs on CPU (DESIGN.md). onnxruntime 1.32 runs the
+        # ORT's highest level has crashed on FP16 graphs on CPU (docs/export.md). onnxruntime 1.32 runs the
         # sorted full-size FP16 graphs at either level; the floor here is 1.17, so stay at extended.
         return "extended" if precision == "fp16" else "all"
 

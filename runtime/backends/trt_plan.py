@@ -139,9 +139,8 @@ def worker_plan(io: dict[str, tuple[Shape, str]]) -> BufferPlan:
     """The slots of one worker, from its plan's I/O tensors at their largest shapes. A decoder
     plan (it returns `present_kv`) gets slots for the step's ids and logits and two cache
     buffers shaped like `present_kv`, nothing for the cross K/V or `past_kv`/`present_kv`:
-    DeviceKV binds those to the GPU memory that already holds them (at BLIP base's 577 image
-    positions the cross K/V would take 42 MB of device and as much pinned host memory per
-    image of the batch, never used)."""
+    DeviceKV binds those to the GPU memory that already holds them (slots for the cross K/V
+    would take device and pinned host memory per image of the batch, never used: docs/design.md §10)."""
     if "present_kv" not in io:
         return BufferPlan.for_shapes(io)
     return BufferPlan.for_shapes({**{n: io[n] for n in DECODER_STAGED}, **{b: io["present_kv"] for b in KV_SCRATCH}})

@@ -262,8 +262,8 @@ _BAND_PIXELS = 1 << 20  # rows converted at a time: the full-size temporaries ar
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Same rule as the reference processors (alpha composited on white), plus high bit depths,
-    done in bands of rows so that no full-size temporary is made beyond the RGB result (a 64 MP
-    RGBA image peaked at 1.2 GB as the reference does it)."""
+    done in bands of rows so that no full-size temporary is made beyond the RGB result
+    (docs/design.md §10)."""
     high = img.mode in _HIGH_DEPTH_MODES
     alpha = not high and ("A" in img.getbands() or img.info.get("transparency") is not None)  # the reference's test
     if img.mode == "RGB" and not alpha:

@@ -71,7 +71,7 @@ def _resized(img: Image.Image, spec: ImageSpec) -> np.ndarray:
     """The resized (and center-cropped) image as uint8 HWC.
 
     A shortest-edge resize of a thin image is huge (1 x 20000 px becomes 224 x 4,480,000 px, of
-    which 224 x 224 are kept: 95 s and 9.6 GB). Past EXACT_RESIZE_CROPS, PIL's `box` resamples
+    which 224 x 224 are kept; docs/reliability.md). Past EXACT_RESIZE_CROPS, PIL's `box` resamples
     only the kept region, with the scale of the whole resize; Pillow may then order its two
     passes differently and rounds the box to float32, so pixels can differ from the reference
     by a few levels (tests/test_preprocess.py bounds it; docs/reliability.md)."""
@@ -111,9 +111,7 @@ def preprocess(
     batches: list[tuple[list[Image.Image], ImageSpec]], pool: Executor | None = None
 ) -> list[np.ndarray]:
     """One float32 (N, 3, H, W) batch per (images, spec). With a pool, every image's resize is
-    its own task: Pillow lets go of the GIL while resampling. In item-bench on a 12-megapixel
-    JPEG on this project's 2-core Xeon, the three models' inputs took 170 ms side by side, where
-    two of them had taken 202 ms one after another (docs/performance.md, "Large photos")."""
+    its own task: Pillow lets go of the GIL while resampling (docs/performance.md, "Large photos")."""
     out = [np.empty((len(images), 3, *spec.out_size), np.float32) for images, spec in batches]
     tasks = [(img, spec, x[i]) for (images, spec), x in zip(batches, out) for i, img in enumerate(images)]
     if pool is None or len(tasks) < 2:
