@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="bundle folder to write, e.g. engines/item-base")
     for kind, default in DEFAULT_SOURCES.items():
         also = "; an open_clip folder works too" if kind == "clip" else ""
-        p.add_argument(f"--{kind}", default=None, help=f"local model folder or cached repo id (default {default}){also}")
+        p.add_argument(f"--{kind}", default=None, help=f"local model folder, or cached repo id [@revision] (default {default}){also}")
     p.add_argument("--random-init", choices=["tiny", "full"], default=None,
                    help="build the same architectures with seeded random weights instead (tests, benchmarks)")
     p.add_argument("--seed", type=int, default=0)

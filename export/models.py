@@ -44,7 +44,7 @@ class Source:
 
 def resolve(spec: str, revision: str | None = None) -> Source:
     """A local folder (or OpenAI's CLIP archive file), or a repo id already in the Hugging Face
-    cache. Never downloads."""
+    cache, optionally at a revision (`REPO@REV`: a commit, branch or tag). Never downloads."""
     p = Path(spec).expanduser()
     if p.exists():
         if checkpoint_format(p) == "transformers" and not (p / "config.json").is_file():
@@ -55,18 +55,43 @@ def resolve(spec: str, revision: str | None = None) -> Source:
         return Source(spec, str(p.resolve()), revision)
     if spec.startswith((".", "/", "~")):
         raise WeightsNotFoundError(f"model folder {spec} does not exist")
+    repo, _, at = spec.partition("@")
+    revision = revision or at or None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from huggingface_hub import snapshot_download
 
+    cache = _hub_cache()
     try:
-        path = snapshot_download(spec, revision=revision, local_files_only=True)
+        path = snapshot_download(repo, revision=revision, local_files_only=True, cache_dir=cache)
     except Exception as e:  # noqa: BLE001 - LocalEntryNotFoundError and friends
         raise WeightsNotFoundError(
-            f"{spec} is neither a local folder nor in the Hugging Face cache ({type(e).__name__}). "
-            f"Nothing is downloaded here: copy the model folder to this machine and pass its path, "
-            f"or fill the cache (HF_HOME) elsewhere and bring it along"
+            f"{repo}{'@' + revision if revision else ''} is neither a local folder nor in the Hugging Face cache "
+            f"({type(e).__name__}; {_cached(cache, repo)}). Nothing is downloaded here: copy the model folder to "
+            f"this machine and pass its path, or fill the cache (HF_HOME) elsewhere and bring it along"
         ) from None
-    return Source(spec, path, revision or Path(path).name)
+    return Source(repo, path, revision or Path(path).name)
+
+
+def _hub_cache() -> Path:
+    """The Hugging Face hub cache as the environment says now (huggingface_hub reads it once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _cached(cache: Path, repo: str) -> str:
+    """What the cache holds of `repo`: enough to pick a revision that is there."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    snapshots = sorted(p.name for p in (folder / "snapshots").glob("*") if p.is_dir())
+    refs = sorted(p.name for p in (folder / "refs").glob("*") if p.is_file())
+    if not snapshots:
+        return f"{cache} holds no snapshot of it"
+    return (f"{cache} holds snapshots {', '.join(snapshots)} and refs {', '.join(refs) or 'none'}: "
+            f"pass {repo}@<snapshot> to use one")
 
 
 @dataclass
@@ -107,7 +132,10 @@ def load_models(sources: dict[str, Source], progress=print) -> Models:
         progress(f"loading {kind} from {path}")
         _check_model_type(kind, Path(path), cls.__name__)
         try:
-            model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True)
+            # mismatched shapes come back in `info` (checked below, with their names) instead of a
+            # RuntimeError that names none of them
+            model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True,
+                                              ignore_mismatched_sizes=True)
             tokenizer, processor = AutoTokenizer.from_pretrained(path, local_files_only=True), ip_cls.from_pretrained(path)
         except OSError as e:
             raise WeightsNotFoundError(f"cannot load {kind} from {path}: {e}") from None

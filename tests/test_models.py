@@ -73,3 +73,54 @@ def test_a_checkpoint_lacking_weights_is_refused(checkpoints, tmp_path):
     with pytest.raises(UnsupportedModelError, match=rf"lacks {len(dropped)} weights of BlipForConditionalGeneration.*would be random"):
         load_models(sources, progress=lambda m: None)
     assert load_models({k: resolve(str(v)) for k, v in checkpoints.items()}, progress=lambda m: None)  # whole: loads
+
+
+def test_a_checkpoint_whose_shapes_disagree_with_its_config_is_refused(checkpoints, tmp_path):
+    """transformers raises a bare RuntimeError that names no tensor; the export names them."""
+    import shutil
+
+    from itemrt.export.models import load_models
+    from safetensors.numpy import load_file, save_file
+
+    bad = tmp_path / "captioner"
+    shutil.copytree(checkpoints["captioner"], bad)
+    weights = load_file(bad / "model.safetensors")
+    key = sorted(k for k in weights if k.endswith("intermediate.dense.weight"))[0]
+    weights[key] = weights[key][:-1]  # one row short of what config.json says
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    sources = {k: resolve(str(bad if k == "captioner" else checkpoints[k])) for k in checkpoints}
+    with pytest.raises(UnsupportedModelError, match=rf"{bad}.*other shapes \({key}\)"):
+        load_models(sources, progress=lambda m: None)
+
+
+def _hub_snapshot(cache: Path, repo: str, folder: Path, sha: str, main: bool) -> Path:
+    """A Hugging Face cache entry as downloading at a commit leaves it (no refs/main), or with refs/main."""
+    import shutil
+
+    entry = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(folder, entry / "snapshots" / sha)
+    if main:
+        (entry / "refs").mkdir()
+        (entry / "refs" / "main").write_text(sha)
+    return entry / "snapshots" / sha
+
+
+def test_a_cache_snapshot_without_refs_main_is_taken_at_its_revision(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = _hub_snapshot(tmp_path / "hub", "acme/tiny-blip", checkpoints["captioner"], sha, main=False)
+    with pytest.raises(WeightsNotFoundError, match=rf"holds snapshots {sha} and refs none: pass acme/tiny-blip@<snapshot>"):
+        resolve("acme/tiny-blip")
+    s = resolve(f"acme/tiny-blip@{sha}")
+    assert (s.model_id, Path(s.path), s.revision) == ("acme/tiny-blip", snapshot, sha)
+    assert resolve("acme/tiny-blip", revision=sha).path == s.path
+    with pytest.raises(WeightsNotFoundError, match=rf"acme/tiny-blip@{'f' * 40} is neither.*holds snapshots {sha}"):
+        resolve(f"acme/tiny-blip@{'f' * 40}")
+
+
+def test_a_cache_entry_with_refs_main_needs_no_revision(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    sha = "89abcdef0123456789abcdef0123456789abcdef"
+    snapshot = _hub_snapshot(tmp_path / "hub", "acme/tiny-owl", checkpoints["detector"], sha, main=True)
+    s = resolve("acme/tiny-owl")
+    assert (Path(s.path), s.revision) == (snapshot, sha)
