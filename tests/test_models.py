@@ -124,3 +124,48 @@ def test_a_cache_entry_with_refs_main_needs_no_revision(checkpoints, tmp_path, m
     snapshot = _hub_snapshot(tmp_path / "hub", "acme/tiny-owl", checkpoints["detector"], sha, main=True)
     s = resolve("acme/tiny-owl")
     assert (Path(s.path), s.revision) == (snapshot, sha)
+
+
+def _hub_2023_layout(src: Path, dst: Path, kind: str) -> Path:
+    """`src` rewritten the way the Hub's files of that time are: a transformers 4.27 config.json
+    (CLIP's sub-configs under the old `*_config_dict` keys), integer sizes in
+    preprocessor_config.json, and weights in pytorch_model.bin without the tied copies."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["transformers_version"] = "4.27.0.dev0"
+    if kind == "clip":
+        for part in ("text_config", "vision_config"):
+            cfg[f"{part}_dict"] = cfg.pop(part)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    pp = json.loads((dst / "preprocessor_config.json").read_text())
+    size = pp["size"]
+    pp["size"] = size.get("shortest_edge") or size["height"]
+    if "crop_size" in pp:
+        pp["crop_size"] = pp["crop_size"]["height"]
+    (dst / "preprocessor_config.json").write_text(json.dumps(pp))
+    weights = load_file(dst / "model.safetensors")
+    (dst / "model.safetensors").unlink()
+    tied = {"text_decoder.cls.predictions.decoder.weight", "text_decoder.cls.predictions.decoder.bias"}
+    torch.save({k: v for k, v in weights.items() if k not in tied}, dst / "pytorch_model.bin")
+    return dst
+
+
+def test_checkpoints_in_the_hubs_old_file_layout_load_as_the_same_models(checkpoints, tmp_path):
+    import torch
+    from itemrt.export.models import image_spec, load_models
+
+    old = {k: _hub_2023_layout(v, tmp_path / k, k) for k, v in checkpoints.items()}
+    assert not any((p / "model.safetensors").exists() for p in old.values())
+    a = load_models({k: resolve(str(v)) for k, v in checkpoints.items()}, progress=lambda m: None)
+    b = load_models({k: resolve(str(v)) for k, v in old.items()}, progress=lambda m: None)
+    for part in ("blip", "owl", "clip"):
+        sa, sb = getattr(a, part).state_dict(), getattr(b, part).state_dict()
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), part
+        assert image_spec(getattr(a, f"{part}_processor")) == image_spec(getattr(b, f"{part}_processor")), part
