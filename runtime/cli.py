@@ -6,13 +6,15 @@ import argparse
 import codecs
 import json
 import os
+import shutil
 import signal
 import sys
+import textwrap
 import threading
 from pathlib import Path
 
 from .argtypes import COUNT, FRACTION, PORT, SECONDS, THREADS, number
-from .backends.ort import BACKENDS
+from .backends import BACKENDS
 from .bundle import PRECISIONS
 from .datasets.dataset import DEFAULT_RATIOS, IMAGE_SUFFIXES
 from .datasets.perturb import argument as perturbation_argument
@@ -454,14 +456,15 @@ def _print_chain(label: str, chain: dict, note: str = "") -> None:
 
 
 def _serve(args) -> int:
-    try:
-        from .gateways.server import ServeConfig, read_token, require, serve
+    from .gateways.config import ServeConfig, read_token, require
 
+    try:
         require()
     except ImportError as e:
         print(f"item serve needs the serve extra: pip install 'itemrt[serve]' ({e})", file=sys.stderr)
         return 2
     from .bundle import Bundle
+    from .gateways.server import serve
 
     Bundle.open(args.bundle)  # a bad bundle is a one-line error here, not a traceback from the server's startup
     cfg = ServeConfig(
@@ -496,6 +499,9 @@ def _watch(args) -> int:
 
 def _demo(args) -> int:
     from .bundle import Bundle
+    from .runtime import Runtime
+    from .stages.explain import render
+    from .stages.images import load_image
 
     bundle = Path(args.bundle)
     try:
@@ -507,9 +513,47 @@ def _demo(args) -> int:
         if rc:
             return rc
     main(["info", str(bundle)])
-    print()
-    samples = [str(p) for p in sample_images()]
-    return main(["detect", "--bundle", str(bundle), "--explain", str(args.explain_dir), *samples])
+    _check_explain(args.explain_dir, folder=True)
+    paths, written = sample_images(), set()
+    print(f"\nthe {len(paths)} sample images in {paths[0].parent}:" if paths else "\nno sample images shipped")
+    with Runtime(bundle) as rt:
+        for path in paths:
+            img = load_image(path, rt.image_limits)  # decoded once, for the chain and the picture
+            r = rt.detect(img)
+            target = _explain_target(args.explain_dir, path, written)
+            render(img, r).save(target)
+            print()
+            for line in _demo_table(path.name, r, target):
+                print(line)
+    return 0
+
+
+DEMO_WIDTH = 100  # the demo's tables fit a terminal this wide (narrower ones: captions wrap shorter)
+
+
+def _demo_table(name: str, r, explain: Path) -> list[str]:
+    """One image's result as the demo shows it: the verdict, the caption (wrapped, cut after two
+    lines), each object word with found or not, its distance and box, and the picture's file."""
+    width = max(60, min(DEMO_WIDTH, shutil.get_terminal_size((DEMO_WIDTH, 24)).columns))
+    note = "" if r.trained else "  [untrained head: p(fake) means nothing]"
+    label = "  {:<10}".format
+    pad = " " * len(label(""))
+    lines = [f"{name}: {r.label.upper()}  p(fake) {r.p_fake:.4f}  threshold {r.threshold:.2f}{note}"]
+    caption = textwrap.wrap(r.caption, width - len(pad), max_lines=2, placeholder=" ...") or ["(empty)"]
+    lines += [(label("caption") if i == 0 else pad) + text for i, text in enumerate(caption)]
+    lines.append(label("distance") + f"{r.global_distance:.4f} image to caption; objects: crop to word (1 - CLIP cosine)")
+    rows = [("word", "found", "distance", "box (x0, y0, x1, y1)")] + [
+        (o.word, "found", f"{o.distance:.4f}", ", ".join(f"{v:.0f}" for v in o.box)) if o.found
+        else (o.word, "not found", "-", "-")
+        for o in r.objects
+    ]
+    w = max(len(row[0]) for row in rows)
+    for i, (word, found, distance, box) in enumerate(rows if r.objects else []):
+        lines.append((label("objects") if i == 0 else pad) + f"{word:<{w}}  {found:<9}  {distance:>8}  {box}")
+    if not r.objects:
+        lines.append(label("objects") + "none: no object word in the caption")
+    lines.append(label("explain") + str(explain))
+    return lines
 
 
 if __name__ == "__main__":

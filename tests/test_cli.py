@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from itemrt.bench.cli import build_parser as bench_parser
@@ -176,10 +178,73 @@ def test_demo_replaces_a_bundle_an_older_itemrt_wrote_then_reuses_its_own(tiny_b
     assert "exporting the demo bundle again" in r.stderr and "format" in r.stderr
     created = json.loads((demo / "manifest.json").read_text())["created"]
     assert created != m["created"] and len(list(pics.glob("*.png"))) == len(samples)
-    assert r.stdout.count("p(fake)=") == len(samples) and "untrained" in r.stdout
+    assert len(re.findall(r": (REAL|FAKE)  p\(fake\) \d", r.stdout)) == len(samples) and "untrained" in r.stdout
     r = _item("demo", "--bundle", demo, "--explain-dir", pics)  # now current: no export
     assert r.returncode == 0 and "exporting" not in r.stderr
     assert json.loads((demo / "manifest.json").read_text())["created"] == created
+
+
+def _demo_blocks(stdout: str) -> dict[str, dict[str, list[str]]]:
+    """The demo's table per image: {file name: {row label: its lines, continuations included}}."""
+    blocks = {}
+    for block in stdout.split("\n\n"):
+        head, *rows = block.splitlines() or [""]
+        if ": " not in head or not rows or not rows[0].startswith("  caption"):
+            continue  # item info's lines, the heading
+        table: dict[str, list[str]] = {"verdict": [head]}
+        label = ""
+        for line in rows:
+            label = line[2:12].strip() or label  # a continuation line belongs to the row above
+            table.setdefault(label, []).append(line[12:])
+        blocks[head.split(": ")[0]] = table
+    return blocks
+
+
+def test_demo_shows_what_each_result_holds(tiny_bundle, samples, tmp_path):
+    """Each sample's table holds its result: verdict and p(fake), the caption (whole, or its
+    start cut with ' ...' after two lines), every object word with found or not, distance and
+    box, and the picture's file; none of its lines is wider than 100 columns."""
+    import os
+
+    pics = tmp_path / "pics"
+    r = _item("demo", "--bundle", tiny_bundle, "--explain-dir", pics, env={**os.environ, "COLUMNS": "100"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    detected = _item("detect", "--bundle", tiny_bundle, "--json", *samples).stdout.splitlines()
+    results = {Path(x["path"]).name: x for x in map(json.loads, detected)}
+    blocks = _demo_blocks(r.stdout)
+    assert sorted(blocks) == sorted(results) == sorted(p.name for p in samples)
+    for name, x in results.items():
+        t = blocks[name]
+        assert t["verdict"][0].startswith(f"{name}: {x['label'].upper()}  p(fake) {x['p_fake']:.4f}  "
+                                          f"threshold {x['threshold']:.2f}  [untrained head")
+        shown = " ".join(t["caption"])
+        assert shown == x["caption"] or (len(t["caption"]) == 2 and shown.endswith(" ...")
+                                         and x["caption"].startswith(shown[: -len(" ...")])), (shown, x["caption"])
+        assert t["distance"][0].startswith(f"{x['global_distance']:.4f} image to caption")
+        header, *rows = t["objects"]
+        assert header.split() == ["word", "found", "distance", "box", "(x0,", "y0,", "x1,", "y1)"]
+        expected = [f"{o['word']} found {o['distance']:.4f} " + ", ".join(f"{v:.0f}" for v in o["box"])
+                    if o["found"] else f"{o['word']} not found - -" for o in x["objects"]]
+        assert [" ".join(row.split()) for row in rows] == expected
+        assert t["explain"] == [str(pics / f"{Path(name).stem}.explain.png")] and Path(t["explain"][0]).is_file()
+    tables = r.stdout.split("sample images in ", 1)[1].splitlines()[1:]
+    assert max(len(line) for line in tables if not line.startswith("  explain")) <= 100  # a path is not cut
+
+
+def test_demo_table_cuts_a_long_caption_and_says_when_no_object_was_named(monkeypatch):
+    from itemrt.cli import _demo_table
+    from itemrt.results import DetectionResult
+
+    monkeypatch.setenv("COLUMNS", "80")
+    caption = " ".join(f"word{i}" for i in range(60))
+    r = DetectionResult(p_fake=0.9, label="fake", threshold=0.5, trained=True, caption=caption, caption_tokens=[],
+                        global_distance=0.8, objects=[], image_size=(64, 64), bundle="b")
+    lines = _demo_table("x.jpg", r, Path("pics/x.explain.png"))
+    assert lines[0] == "x.jpg: FAKE  p(fake) 0.9000  threshold 0.50"
+    assert lines[1].startswith("  caption   word0 word1") and lines[2].endswith(" ...")
+    assert caption.startswith((lines[1][12:] + " " + lines[2][12:])[: -len(" ...")])
+    assert lines[4] == "  objects   none: no object word in the caption"
+    assert max(map(len, lines)) <= 80
 
 
 ITEM_BAD_NUMBERS = [

@@ -135,7 +135,7 @@ def test_an_early_answer_reaches_a_client_still_sending_its_body(server):
     the body arriving afterwards made the kernel reset the connection and the client lost the
     413 (a BrokenPipeError on its send, 20 times out of 20). The lingering close drops the
     body, delivers the answer, and still ends a client that keeps sending, after LINGER_S."""
-    from itemrt.gateways.server import LINGER_S
+    from itemrt.gateways.http import LINGER_S
 
     head = (b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nConnection: close\r\n"
             b"Content-Length: %d\r\n\r\n")
@@ -158,10 +158,64 @@ def test_an_early_answer_reaches_a_client_still_sending_its_body(server):
         assert time.monotonic() - start < LINGER_S + 3
 
 
+async def _asgi(app, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, dict]:
+    """One request straight into an ASGI app, no HTTP server: (status, JSON body)."""
+    scope = {"type": "http", "http_version": "1.1", "method": method, "scheme": "http", "path": path,
+             "raw_path": path.encode(), "query_string": b"", "root_path": "", "client": ("test", 1),
+             "server": ("test", 80), "headers": [(k.encode(), v.encode()) for k, v in (headers or {}).items()]}
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    answer = {"body": b""}
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            answer["status"] = message["status"]
+        else:
+            answer["body"] += message.get("body", b"")
+
+    await app(scope, receive, send)
+    return answer["status"], json.loads(answer["body"])
+
+
+def test_the_gateway_answers_under_another_host(tiny_bundle, samples):
+    """The handling is not uvicorn's: a host that mounts Gateway.routes() and calls start,
+    drain and stop itself (a Ray Serve deployment, say) gets the same answers, typed errors,
+    auth and counts, here with no HTTP server at all."""
+    import asyncio
+
+    from itemrt.gateways.config import ServeConfig
+    from itemrt.gateways.gateway import Gateway
+    from starlette.applications import Starlette
+
+    jpg = {"content-type": "image/jpeg"}
+    auth = {"authorization": "Bearer s3cret"}
+
+    async def host():
+        gateway = Gateway(ServeConfig(str(tiny_bundle), token="s3cret"))
+        app = Starlette(routes=gateway.routes())
+        status, r = await _asgi(app, "GET", "/readyz")
+        assert status == 503 and r["reason"] == "loading"
+        await gateway.start()
+        status, r = await _asgi(app, "POST", "/v1/detect", samples[0].read_bytes(), {**jpg, **auth})
+        assert status == 200 and r["bundle"]["name"] == "tiny" and r["caption"] and "p_fake" in r
+        status, r = await _asgi(app, "POST", "/v1/detect", samples[0].read_bytes(), jpg)
+        assert status == 401 and r["error"] == "unauthorized"
+        status, r = await _asgi(app, "POST", "/v1/detect", b"not an image", {**jpg, **auth})
+        assert status == 422 and r["error"] == "unsupported_image"
+        gateway.drain()
+        status, r = await _asgi(app, "GET", "/readyz")
+        assert status == 503 and r["reason"] == "draining"
+        assert await gateway.stop() == {"200": 1, "401": 1, "422": 1}
+
+    asyncio.run(host())
+
+
 def test_the_pixel_budget_bounds_concurrent_decoding():
     """Decoding threads hold their image's pixels; together they never pass the budget, and an
     image larger than the whole budget still runs, alone."""
-    from itemrt.gateways.server import PixelBudget
+    from itemrt.gateways.budget import PixelBudget
 
     budget, lock, seen = PixelBudget(100), threading.Lock(), []
 
@@ -435,7 +489,7 @@ def test_too_many_images_in_a_batch(server, n):
 
 def test_the_budget_says_when_it_is_exhausted():
     """A decode waiting for room makes the budget exhausted (item serve's /readyz turns 503)."""
-    from itemrt.gateways.server import PixelBudget
+    from itemrt.gateways.budget import PixelBudget
 
     budget, first_in, release = PixelBudget(100), threading.Event(), threading.Event()
 
