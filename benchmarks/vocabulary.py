@@ -66,13 +66,15 @@ ALIASES = {
     "laptop computer": "laptop", "desktop computer": "computer", "tv": "television", "television set": "television",
     "flat screen": "television", "telly": "television", "motor bike": "motorcycle", "motor cycle": "motorcycle",
     "frisbe": "frisbee", "frisby": "frisbee", "hotdog": "hot dog", "hot dog bun": "hot dog",
-    "teddy": "teddy bear", "doughnuts": "donut", "sofa": "couch", "loveseat": "couch",
+    "teddy": "teddy bear", "sofa": "couch", "loveseat": "couch",
     "love seat": "couch", "fridge": "refrigerator", "ocean wave": "wave", "ocean waves": "wave",
     "wrist watch": "watch", "wristwatch": "watch", "stop light": "traffic light", "stoplight": "traffic light",
     "street lamp": "street light", "lamp post": "street light", "lamppost": "street light",
     "orange slice": "orange", "orange wedge": "orange", "orange peel": "orange", "orange tree": "orange",
     "tennis ball": "ball", "cross walk": "crosswalk", "teeth": "tooth", "feet": "foot",
-    "tv stand": "stand", "fruit stand": "stand",
+    "tv stand": "stand", "fruit stand": "stand", "remote control": "remote",
+    "toilet bowl": "toilet", "necktie": "tie", "home base": "home plate", "baseball diamond": "baseball field", "power line": "power line",
+    "telephone wire": "power line", "power pole": "pole", "telephone pole": "pole",
     "restroom": "bathroom", "washroom": "bathroom", "lavatory": "bathroom", "bath room": "bathroom",
     "clothes": "clothing",
 }
@@ -104,6 +106,13 @@ OF_SENSES = {"glasses": "glass", "pitcher": "jug", "pitchers": "jug"}
 # LVIS senses that clash with what captions mean by the bare word (bat: a baseball bat;
 # batter, pitcher, runner: people); the category is left out.
 LVIS_SKIP = {"bat_(animal)", "batter_(food)", "pitcher_(vessel_for_liquid)", "runner_(carpet)"}
+# LVIS synonyms whose everyday sense in a caption is another thing or no thing ("spread over").
+LVIS_FORM_SKIP = set("""spread tonic collar roll spray tap outlet warmer cleaner lance lure streamer reel
+spirits cordial gem grip journal""".split())
+# LVIS names that make poor words (a qualifier-stripped name, an unusual spelling): the word used.
+RENAME = {"arctic": "galosh", "cock": "rooster", "control": "controller", "die": "dice", "crape": "crepe",
+          "baguet": "baguette", "cantaloup": "cantaloupe", "bob": "bobber", "tux": "tuxedo",
+          "sherbert": "sherbet", "underdrawers": "boxers", "bow-tie": "bow tie", "jean": "jeans"}
 COLOURS = """white black red blue green yellow orange purple pink brown gray grey tan beige gold golden
 silver maroon teal turquoise navy olive lime peach cherry plum chocolate cream rose salmon lavender
 violet khaki ivory copper bronze charcoal coral mint burgundy magenta cyan lemon caramel""".split()
@@ -119,11 +128,19 @@ and_then""".split()
 SUBJECTS = [w for w in SUBJECTS if "_" not in w]
 VERBS = """watches watch skis ski stands heads faces boards parks flies fly waves hands lights drinks
 ties brushes bats rocks ducks trains lines tops signs plays rides walks sits lays lies stops crosses
-cooks cuts holds looks dresses cleans stand swings""".split()
+cooks cuts holds looks dresses cleans stand swings leaves lands skateboards surfs snowboards pets
+pet""".split()
 NO_MODIFIER: list[str] = []
 MODIFIER_FOLLOWERS = """covered topped filled lined packed capped shaped themed stuffed laden loaded
 made style styled print printed patterned flavored flavoured related shaped sized""".split()
-PHRASES = ["cross country", "close up", "closeup", "stop and go", "in front", "all the way"]
+PHRASES = ["cross country", "close up", "closeup", "stop and go", "in front", "all the way", "face down",
+           "face up", "face first"]
+SPLIT_SKIP = {"hot plate", "cover all", "heads tall"}  # "a hot plate of pasta" is no hotplate
+# "a baseball game", "a dirt area", "a window view", "a street corner", "a stove top": the noun
+# before these is a modifier of a head that is no object (bench.words drops the same heads).
+MODIFIER_HEADS = """game games match matches tournament practice lesson area areas view views corner
+corners side sides top edge edges""".split()
+FRAMING_VERBS = "take takes taking took snap snaps snapping pose posing poses".split()
 
 
 def _clean(name: str) -> tuple[str, bool]:
@@ -145,11 +162,13 @@ class Builder:
         self.log: collections.Counter = collections.Counter()
 
     def known(self, form: str) -> str | None:
-        """The object a form already reaches: itself, an alias, or a plural of either."""
+        """The object a form already reaches: itself, an alias, a plural of either, its singular
+        ("jean" for "jeans"), or the same letters without spaces ("wineglass", "wine glass")."""
         if form in self.forms:
             return self.forms[form]
+        squeezed = form.replace(" ", "").replace("-", "")
         for f, w in self.forms.items():
-            if form in plural_forms(f):
+            if form in plural_forms(f) or f in plural_forms(form) or f.replace(" ", "").replace("-", "") == squeezed:
                 return w
         return None
 
@@ -199,8 +218,8 @@ def build(captions: list[str], parsed: list[dict], lvis: list[dict]) -> dict:
             b.log["LVIS category left out: its sense clashes with the captions'"] += 1
             continue
         name, _ = _clean(cat["name"])
-        forms = [name] + [_clean(s)[0] for s in cat["synonyms"] if "(" not in s]
-        forms = list(dict.fromkeys(f for f in forms if f))
+        forms = [RENAME.get(name, name)] + [_clean(s)[0] for s in cat["synonyms"] if "(" not in s]
+        forms = list(dict.fromkeys(f for f in forms if f and f not in LVIS_FORM_SKIP))
         keep = []
         for f in forms:
             share = noun_share(f) if " " not in f else None
@@ -215,8 +234,8 @@ def build(captions: list[str], parsed: list[dict], lvis: list[dict]) -> dict:
             target = keep[0]
             b.add_object(target, "LVIS category")
         for f in keep:
-            if b.known(f) is None:
-                b.add_alias(f, target, "LVIS name or synonym")
+            if f not in b.forms:  # a spelling that reaches a word only without its spaces: said outright
+                b.add_alias(f, b.known(f) or target, "LVIS name or synonym")
     # 4. the nouns real captions name most (choose half), that the list so far misses
     vocab = _vocabulary(b)
     missed: collections.Counter = collections.Counter()
@@ -232,7 +251,10 @@ def build(captions: list[str], parsed: list[dict], lvis: list[dict]) -> dict:
     for lemma, n in sorted(missed.items(), key=lambda kv: (-kv[1], kv[0])):
         if n < MIN_CAPTIONS:
             break
-        if lemma in NOT_OBJECTS or not lemma.isalpha() or b.known(lemma) is not None:
+        if lemma in NOT_OBJECTS or not lemma.isalpha():
+            continue
+        if b.known(lemma) is not None:  # "wetsuit" for LVIS's "wet suit"
+            b.add_alias(lemma, b.known(lemma), "caption noun (choose half), another spelling")
             continue
         share = noun_share(lemma)
         if share is not None and share < NOUN_SHARE:  # "standing", "riding": mostly verbs
@@ -244,6 +266,16 @@ def build(captions: list[str], parsed: list[dict], lvis: list[dict]) -> dict:
         for form in surfaces[lemma]:  # irregular plurals: "teeth", "feet"
             if form.isalpha() and b.known(form) is None:
                 b.add_alias(form, word, "caption noun's irregular form")
+    # one-word names written as two words in captions ("side walk", "run way"): both halves
+    # are words the choose half uses (each at least MIN_SEEN times)
+    for form, word in sorted(b.forms.items()):
+        if " " in form or "-" in form or len(form) < 7:
+            continue
+        for k in range(3, len(form) - 2):
+            a, z = form[:k], form[k:]
+            if sum(pos[a].values()) >= MIN_SEEN and sum(pos[z].values()) >= MIN_SEEN and \
+                    f"{a} {z}" not in SPLIT_SKIP:
+                b.add_alias(f"{a} {z}", word, "one-word name written as two words")
     # the verb forms: curated, and any form the choose half tags VERB often enough
     table = {f for f in b.forms} | {p for f in b.forms for p in plural_forms(f)}
     verbs = set(VERBS)
@@ -277,6 +309,8 @@ def build(captions: list[str], parsed: list[dict], lvis: list[dict]) -> dict:
             "no_modifier": sorted(set(NO_MODIFIER)),
             "modifier_followers": sorted(set(MODIFIER_FOLLOWERS)),
             "phrases": sorted(set(PHRASES)),
+            "modifier_heads": sorted(set(MODIFIER_HEADS)),
+            "framing_verbs": sorted(set(FRAMING_VERBS)),
         },
     }
     Vocabulary.load_doc(doc)  # it must load
@@ -288,7 +322,8 @@ def _vocabulary(b: Builder) -> Vocabulary:
                   colour_followers=frozenset(COLOUR_FOLLOWERS), shades=frozenset(SHADES),
                   materials=frozenset(MATERIALS), young=frozenset(YOUNG), verbs=frozenset(VERBS),
                   subjects=frozenset(SUBJECTS), no_modifier=frozenset(NO_MODIFIER),
-                  modifier_followers=frozenset(MODIFIER_FOLLOWERS), phrases=frozenset(PHRASES))
+                  modifier_followers=frozenset(MODIFIER_FOLLOWERS), phrases=frozenset(PHRASES),
+                  modifier_heads=frozenset(MODIFIER_HEADS), framing_verbs=frozenset(FRAMING_VERBS))
     return Vocabulary(b.objects, b.aliases, version=VERSION, scene=SCENE, rules=rules)
 
 

@@ -200,6 +200,31 @@ def coverage(vocab: Vocabulary, captions: list[str], parsed: list[dict]) -> Cove
                     false_hits, issue_found / max(1, issue_nouns), per)
 
 
+GOLD = Path(__file__).resolve().parents[1] / "tests" / "data" / "words-gold.tsv"
+
+
+def read_gold(path: Path = GOLD) -> list[tuple[str, str, list[str]]]:
+    """(sample, caption, words) of the hand-checked captions."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line and not line.startswith("#"):
+            sample, _, caption, words = line.split("\t")
+            rows.append((sample, caption, [w.strip() for w in words.split(";") if w.strip()]))
+    return rows
+
+
+def gold_scores(vocab: Vocabulary, rows) -> dict[str, tuple[int, int, int]]:
+    """Per sample: (correct words, words the vocabulary yields, hand-checked words), no cap."""
+    out: dict[str, list[int]] = {}
+    for sample, caption, words in rows:
+        got, want = set(vocab.extract(caption, 10**6)), set(words)
+        c = out.setdefault(sample, [0, 0, 0])
+        c[0] += len(got & want)
+        c[1] += len(got)
+        c[2] += len(want)
+    return {k: tuple(v) for k, v in sorted(out.items())}
+
+
 def report(name: str, c: Coverage, top: int) -> str:
     lines = [
         f"{name}: {c.captions} captions, {c.nouns} object nouns (spaCy)",
@@ -229,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"vocabulary {args.vocabulary}: version {vocab.version}, {len(vocab.objects)} objects, "
           f"{len(vocab.aliases)} aliases", flush=True)
     parsed = parse(captions, cache=not args.no_cache, progress=lambda m: print(m, file=sys.stderr))
+    for sample, (ok, got, want) in gold_scores(vocab, read_gold()).items():
+        print(f"hand-checked sample {sample} ({GOLD.name}): precision {100 * ok / max(1, got):.1f}% ({ok}/{got}), "
+              f"recall {100 * ok / max(1, want):.1f}% ({ok}/{want})")
     halves = split(captions)
     for name in ("choose", "measure") if args.half == "both" else (args.half,):
         idx = halves[name]

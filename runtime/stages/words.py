@@ -83,6 +83,8 @@ class Rules:
     no_modifier: frozenset = frozenset()  # objects never taken as a modifier of the next noun
     modifier_followers: frozenset = frozenset()  # "snow covered", "chocolate topped": a modifier
     phrases: frozenset = frozenset()  # phrases that name no object: "cross country", "close up"
+    modifier_heads: frozenset = frozenset()  # "baseball game": a noun before these is no object
+    framing_verbs: frozenset = frozenset()  # "taking a picture": the picture is the photo itself
 
     @classmethod
     def from_doc(cls, doc: dict) -> Rules:
@@ -91,7 +93,8 @@ class Rules:
         return cls(framing=s("framing"), of_senses=dict(r.get("of_senses", {})), colours=s("colours"),
                    colour_followers=s("colour_followers"), shades=s("shades"), materials=s("materials"),
                    young=s("young"), verbs=s("verbs"), subjects=s("subjects"), no_modifier=s("no_modifier"),
-                   modifier_followers=s("modifier_followers"), phrases=s("phrases"))
+                   modifier_followers=s("modifier_followers"), phrases=s("phrases"),
+                   modifier_heads=s("modifier_heads"), framing_verbs=s("framing_verbs"))
 
 
 @dataclass
@@ -123,7 +126,7 @@ class Explanation:
                f"   (vocabulary version {self.version}, cap {self.max_objects})"]
         for h in self.hits:
             state = f"BLOCKED by {h.blocked}" if h.blocked else ("kept" if h.kept else h.note or "dropped")
-            via = h.how if h.entry == h.tokens else f"{h.how} '{h.entry}'"
+            via = h.how if h.entry == h.tokens.lower() else f"{h.how} '{h.entry}'"
             extra = f"; {h.note}" if h.note and (h.kept or h.blocked) else ""
             out.append(f"  [{h.start}:{h.end}] '{h.tokens}' -> {h.word}  via {via}: {state}{extra}")
         if self.unmatched:
@@ -132,7 +135,9 @@ class Explanation:
 
 
 # After "covered", "topped" ...: these make the noun before them an object ("a plate topped with").
-_LINKS = frozenset("with in by of on at from to and or for".split())
+_LINKS = frozenset("with in by of on at from to and or for like as".split())
+
+_DETERMINERS = frozenset("a an the his her their its my our your this that some".split())
 
 # Function words that `explain` does not list as unmatched content.
 _FUNCTION = frozenset("""a an the and or but of on in at to for from with without by near next into onto over
@@ -263,6 +268,9 @@ class Vocabulary:
         for h in hits:
             if h[3] == PHRASE:
                 h[5] = f"phrase: '{h[4]}' names no object"
+            elif h[2] in r.framing and h[0] > 0 and (toks[h[0] - 1] in r.framing_verbs or (
+                    h[0] > 1 and toks[h[0] - 2] in r.framing_verbs and toks[h[0] - 1] in _DETERMINERS)):
+                h[5] = f"framing: '{' '.join(toks[max(0, h[0] - 2) : h[1]])}' is the photo being taken"
             elif h[1] < n_tok and toks[h[1]] == "of":
                 last = toks[h[1] - 1]
                 if last in r.framing or h[2] in r.framing:
@@ -290,6 +298,8 @@ class Vocabulary:
             after = starts.get(h[1])
             if last in r.shades and nxt in r.colours:
                 h[5] = f"colour: '{last} {nxt}' is a shade"
+            elif nxt in r.modifier_heads:
+                h[5] = f"modifier: '{last} {nxt}' names no object"
             elif nxt in r.modifier_followers and h[1] + 1 < n_tok and toks[h[1] + 1].isalpha() and \
                     toks[h[1] + 1] not in _LINKS:  # "snow covered mountain", not "table covered with"
                 h[5] = f"modifier: '{last} {nxt} {toks[h[1] + 1]}'"
