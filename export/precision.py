@@ -13,9 +13,9 @@ inputs and outputs left FP32, so a strongly-typed TensorRT build keeps exactly t
 BF16 writes no file: its variant is the FP32 graph run by OpenVINO in BF16 (`runtime/backends/openvino.py`),
 for CPUs with AMX or AVX512-BF16, and is gated the same way on the exporting machine.
 Precision "mixed" picks per graph among the gated INT8 and BF16 variants (`MIXED_ORDER`) and is
-gated again as one chain (`_choose_mixed` in pipeline).
+gated again as one chain (`choice.choose_mixed`).
 
-Which variants a bundle uses is decided by the gates in `parity.py` (`_choose` in pipeline).
+Which variants a bundle uses is decided by the gates in `parity.py` (`choice.choose`).
 """
 
 from __future__ import annotations

@@ -3,20 +3,39 @@
 They are saved as ordinary Hugging Face folders (config, safetensors, tokenizer, processor)
 so the same loading code reads them as it reads a user's weights. Tokenizers are
 synthesized (a WordPiece vocabulary for BLIP, a CLIP-style byte-level BPE for OWL-ViT and
-CLIP) at the configured vocabulary size: nothing is downloaded.
+CLIP) at the configured vocabulary size: nothing is downloaded. `random_checkpoints` keeps
+them in itemrt's cache, one folder per size and seed.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
+from itemrt.bundle import cache_dir
 from itemrt.stages.words import DEFAULT_VOCABULARY, plural_forms
+
+from .models import DEFAULT_SOURCES, Source
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 SIZES = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
 
 _CAPTION_WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "is", "are", "at", "to", "by", "near", "next", "front", "top", "side", "two", "three", "four", "some", "sitting", "standing", "riding", "holding", "walking", "playing", "lying", "parked", "flying", "eating", "looking", "white", "black", "red", "blue", "green", "yellow", "brown", "large", "small", "old", "young", "wooden"]
+
+
+def random_checkpoints(size: str, seed: int, progress=print) -> dict[str, Source]:
+    """Random-init folders, cached per size and seed (building the full size takes a while)."""
+    root = cache_dir() / "random-init" / f"{size}-seed{seed}"
+    if not (root / "done").is_file():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{size}-", dir=root.parent if root.parent.exists() else None))
+        build_random_checkpoints(size, tmp, seed, progress)
+        (tmp / "done").write_text("ok\n")
+        root.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.move(str(tmp), root)
+    return {k: Source(f"random-init:{size}", str(root / k), None) for k in DEFAULT_SOURCES}
 
 
 def size_config(size: str) -> dict:

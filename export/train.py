@@ -28,11 +28,11 @@ from itemrt.stages.recipe import recipe
 from torch import nn
 
 from . import metrics
+from .choice import default_precision
 from .evaluate import head_p_fake, markdown_table
 from .head import MLPHead, save_head
 from .onnx_io import export_onnx
 from .parity import CHAIN_PAIRS, FP32, compare, head_check, load_chain_pairs
-from .pipeline import default_precision
 
 
 @dataclass

@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import BundleIntegrityError, BundleNotFoundError, BundleVersionError
-from .schema import check_manifest
+from .schema import Manifest, check_manifest
 
 FORMAT = "itemrt-bundle"
 # 2: the captioner decoder takes its cross K/V one input per layer (cross_k.0 ..., cross_v.0 ...)
@@ -104,7 +104,8 @@ class HashCache:
 @dataclass
 class Bundle:
     root: Path
-    manifest: dict[str, Any]
+    manifest: dict[str, Any]  # manifest.json as read, by key
+    spec: Manifest = field(init=False, repr=False, compare=False)  # the same, typed: checked at open
 
     @classmethod
     def open(cls, root: str | Path, verify: bool | str = True) -> Bundle:
@@ -122,7 +123,7 @@ class Bundle:
             raise BundleIntegrityError(f"{mpath} is not valid JSON ({e}); {_redo(None, root)}") from None
         bundle = cls(root, manifest)
         bundle._check_version()
-        check_manifest(manifest, _redo(manifest, root))
+        bundle.spec = check_manifest(manifest, _redo(manifest, root))
         bundle._check_files(verify)
         return bundle
 
@@ -145,7 +146,7 @@ class Bundle:
         if verify not in (True, False, "full"):
             raise ValueError(f"verify must be True, False or 'full', got {verify!r}")
         cache = HashCache() if verify is True else None
-        for rel, digest in self.manifest.get("files", {}).items():
+        for rel, digest in self.spec.files.items():
             if Path(rel).is_absolute() or ".." in Path(rel).parts:  # a bundle reads only inside itself
                 raise BundleIntegrityError(f"the manifest lists {rel!r}, outside the bundle; {_redo(self.manifest, self.root)}")
             path = self.root / rel
@@ -158,20 +159,21 @@ class Bundle:
                 )
         if cache:
             cache.save()
-        for name, comp in self.manifest["components"].items():
-            used = [v["file"] for v in comp.get("variants", {}).values() if v.get("used")]
-            for f in [comp["file"], *used]:
-                if f not in self.manifest.get("files", {}):
+        for name, comp in self.spec.components.items():
+            used = [v.file for v in comp.variants.values() if v.used]
+            for f in [comp.file, *used]:
+                if f not in self.spec.files:
                     raise BundleIntegrityError(f"component {name}'s file {f} is not hashed in the manifest")
 
     # --- access -------------------------------------------------------------------------
 
     def file(self, rel: str) -> Path:
-        if rel not in self.manifest["files"]:
+        if rel not in self.spec.files:
             raise BundleIntegrityError(f"{rel} is not listed in the manifest of {self.root}")
         return self.root / rel
 
     def component(self, name: str) -> dict[str, Any]:
+        """The component's manifest entry as read (typed: `spec.components[name]`)."""
         return self.manifest["components"][name]
 
     def component_path(self, name: str, precision: str = "fp32") -> tuple[Path, str]:
@@ -181,27 +183,29 @@ class Bundle:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if precision == "mixed":
             precision = self.mixed().get(name, "fp32")
-        v = self.component(name).get("variants", {}).get(precision)
-        if precision != "fp32" and v and v.get("used"):
-            return self.file(v["file"]), precision
-        return self.file(self.component(name)["file"]), "fp32"
+        comp = self.spec.components[name]
+        v = comp.variants.get(precision)
+        if precision != "fp32" and v and v.used:
+            return self.file(v.file), precision
+        return self.file(comp.file), "fp32"
 
     def precisions(self) -> list[str]:
         """FP32 and every precision at least one component has a gated variant for."""
-        have = {p for c in self.manifest["components"].values() for p, v in c.get("variants", {}).items() if v.get("used")}
+        have = {p for c in self.spec.components.values() for p, v in c.variants.items() if v.used}
         if self.mixed():
             have.add("mixed")
         return [p for p in PRECISIONS if p == "fp32" or p in have]
 
     def mixed(self) -> dict[str, str]:
         """Precision "mixed": component -> the precision its chain gate took it in."""
-        return self.manifest.get("precisions", {}).get("mixed", {}).get("used", {})
+        mixed = self.spec.precisions.get("mixed")
+        return (mixed.used or {}) if mixed else {}
 
     def head_files(self) -> set[str]:
         """Files that `item train` replaces: the head graph, its weights, the training report."""
-        m = self.manifest
-        owned = {m["components"]["head"]["file"], m["head"]["weights"]}
-        return owned | {f for f in m["files"] if f.startswith(TRAINING_DIR + "/")}
+        s = self.spec
+        owned = {s.components["head"].file, s.head.weights}
+        return owned | {f for f in s.files if f.startswith(TRAINING_DIR + "/")}
 
     @property
     def feature_fingerprint(self) -> str:
@@ -209,26 +213,26 @@ class Bundle:
         features extracted with one bundle are stale for a bundle with another fingerprint."""
         h = hashlib.sha256()
         skip = self.head_files()
-        for rel, digest in sorted(self.manifest["files"].items()):
+        for rel, digest in sorted(self.spec.files.items()):
             # TensorRT plans are built from these same graphs on the target: not a new chain;
             # parity/ records what the export measured, which no feature depends on.
             if rel not in skip and not rel.startswith(("tensorrt/", "parity/")):
                 h.update(f"{rel}\0{digest}\n".encode())
-        for key in ("captioner", "detector", "clip", "words"):
+        for key in ("captioner", "detector", "clip", "words"):  # as read: feature stores keep fingerprints of this JSON
             h.update(json.dumps(self.manifest[key], sort_keys=True).encode())
         return h.hexdigest()[:16]
 
     @property
     def default_precision(self) -> str:
-        return self.manifest.get("default_precision", "fp32")
+        return self.spec.default_precision or "fp32"
 
     @property
     def name(self) -> str:
-        return self.manifest["name"]  # required: checked at open (schema.py)
+        return self.spec.name
 
     @property
     def trained(self) -> bool:
-        return bool(self.manifest["head"]["trained"])
+        return self.spec.head.trained
 
 
 def write_manifest(root: Path, manifest: dict) -> None:
@@ -239,6 +243,15 @@ def write_manifest(root: Path, manifest: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, root / MANIFEST)
+
+
+def seal(root: Path, manifest: Manifest) -> None:
+    """Hash every file of the folder into the manifest and write it: how the export closes a
+    bundle (item train and item build re-hash only the files they change)."""
+    manifest.files = {
+        str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST
+    }
+    write_manifest(root, manifest.to_dict())
 
 
 def _redo(manifest: dict | None, root: Path) -> str:

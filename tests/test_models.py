@@ -40,7 +40,7 @@ def test_export_cli_reports_missing_weights(tmp_path):
 @pytest.fixture(scope="module")
 def checkpoints(cache_dir):
     """The tiny random-init checkpoint folders (cached, as the tiny bundle's export made them)."""
-    from itemrt.export.pipeline import random_checkpoints
+    from itemrt.export.random_init import random_checkpoints
 
     return {kind: Path(s.path) for kind, s in random_checkpoints("tiny", 0, progress=lambda m: None).items()}
 

@@ -272,7 +272,8 @@ def test_export_with_an_open_clip_clip_passes_parity(tmp_path, cache_dir, fmt):
     """The whole export (graphs, bank, gates, chain parity) with the CLIP side from open_clip,
     or from OpenAI's archive."""
     from itemrt import Runtime
-    from itemrt.export.pipeline import export_bundle, random_checkpoints
+    from itemrt.export.pipeline import export_bundle
+    from itemrt.export.random_init import random_checkpoints
 
     torch.manual_seed(0)
     if fmt == "open_clip":

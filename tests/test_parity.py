@@ -252,16 +252,16 @@ def test_a_variant_that_does_not_load_fails_its_gate_not_the_export(tmp_path, mo
     """A converter bug (here: the decoder's INT8 file written as garbage) keeps that part FP32,
     records the error in the manifest and in `item info`, and the bundle is still written."""
     from itemrt.cli import main as item
-    from itemrt.export import pipeline
+    from itemrt.export import choice, pipeline
 
-    convert = pipeline.convert
+    convert = choice.convert
 
     def broken_decoder(precision, src, dst, keep_fp32=()):
         convert(precision, src, dst, keep_fp32=keep_fp32)
         if src.stem == "captioner_decoder":
             dst.write_bytes(b"not an onnx graph")
 
-    monkeypatch.setattr(pipeline, "convert", broken_decoder)
+    monkeypatch.setattr(choice, "convert", broken_decoder)
     out = pipeline.export_bundle(tmp_path / "b", random_init="tiny", seed=0, precisions=("int8",),
                                  progress=lambda msg: None)
     m = json.loads((out / "manifest.json").read_text())
