@@ -12,9 +12,8 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from PIL import Image
-
 from itemrt.stages.metadata import PNG_SIGNATURE
+from PIL import Image
 
 TRAINED = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 IPTC_EXT = "http://iptc.org/std/Iptc4xmpExt/2008-02-29/"
@@ -112,7 +111,8 @@ def large_jpeg(size: tuple[int, int] = (4000, 3000), quality: int = 90) -> bytes
     exif = Image.Exif()
     exif[0x0131] = "Camera Firmware 1.0"
     buf = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buf, "JPEG", quality=quality, exif=exif, xmp=xmp_packet({"xmp:CreatorTool": "Camera Firmware 1.0"}))
+    xmp = xmp_packet({"xmp:CreatorTool": "Camera Firmware 1.0"})
+    Image.fromarray(pixels, "RGB").save(buf, "JPEG", quality=quality, exif=exif, xmp=xmp)
     return buf.getvalue()
 
 
@@ -123,7 +123,8 @@ def xmp_packet(props: dict[str, str], attributes: bool = False, extra: str = "")
     if attributes:
         body = f'<rdf:Description rdf:about="" {ns} ' + " ".join(f'{k}="{v}"' for k, v in props.items()) + "/>"
     else:
-        body = f'<rdf:Description rdf:about="" {ns}>' + "".join(f"<{k}>{v}</{k}>" for k, v in props.items()) + "</rdf:Description>"
+        elements = "".join(f"<{k}>{v}</{k}>" for k, v in props.items())
+        body = f'<rdf:Description rdf:about="" {ns}>{elements}</rdf:Description>'
     return ('<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
             '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
             + body + extra + '</rdf:RDF></x:xmpmeta><?xpacket end="w"?>').encode()
@@ -239,10 +240,13 @@ def hostile(signed_jpeg: bytes | None = None, signed_png: bytes | None = None) -
         "not XML": (jpeg_with_xmp(b"<x:xmpmeta><unclosed>"), "xmp"),
         "EXIF pointing past the end": (jpeg_with_segment(0xE1, b"Exif\x00\x00II*\x00\xff\xff\x00\x00"), "exif"),
         "PNG text chunk past the end": (png_with([])[:-12] + struct.pack(">I", 1 << 30) + b"tEXtComment\x00" + b"x" * 16, "png"),
-        "zTXt bomb (64 MB of zeros)": (png_with([png_chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(b"\x00" * (64 << 20), 9))]), "png"),
+        "zTXt bomb (64 MB of zeros)": (png_with([png_chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(bytes(64 << 20), 9))]),
+                                       "png"),
         "garbage JUMBF (caBX)": (png_with([png_chunk(b"caBX", b"\x00\x00\x00\x10jumb" + b"\x00\x00\x00\x08jumd" + b"\xff" * 64
                                                        + b"jumdc2pa" + bytes.fromhex("00110010800000aa00389b71"))]), "c2pa"),
     }
+    for name, store in crafted_stores().items():
+        cases[f"crafted store: {name}"] = (png_with([png_chunk(b"caBX", store)]), "c2pa")
     if signed_jpeg is not None:
         cases["JUMBF cut before the signature (JPEG)"] = (_cut_app11(signed_jpeg, signed_jpeg.find(b"c2pa.signature")), "c2pa")
     if signed_png is not None:
@@ -251,6 +255,44 @@ def hostile(signed_jpeg: bytes | None = None, signed_png: bytes | None = None) -
         huge = b"\x00\x00\x00\x01" + store[4:8] + struct.pack(">Q", 1 << 62) + store[8:]
         cases["JUMBF box claiming 2^62 bytes (PNG)"] = (_with_cabx(signed_png, huge), "c2pa")
     return cases
+
+
+_UUID_TAIL = bytes.fromhex("00110010800000aa00389b71")  # every C2PA box UUID ends so
+
+
+def _box(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", 8 + len(payload)) + kind + payload
+
+
+def _jumd(four: bytes, label: bytes) -> bytes:
+    return _box(b"jumd", four + _UUID_TAIL + b"\x03" + label + b"\x00")
+
+
+def _store(*boxes: bytes) -> bytes:
+    return _box(b"jumb", _jumd(b"c2pa", b"c2pa") + b"".join(boxes))
+
+
+def _manifest(claim_cbor: bytes, signature_cbor: bytes = b"\x80") -> bytes:
+    return _box(b"jumb", _jumd(b"c2ma", b"urn:c2pa:12345678-1234-1234-1234-123456789012")
+                + _box(b"jumb", _jumd(b"c2as", b"c2pa.assertions")
+                       + _box(b"jumb", _jumd(b"cbor", b"c2pa.actions.v2") + _box(b"cbor", claim_cbor)))
+                + _box(b"jumb", _jumd(b"c2cl", b"c2pa.claim.v2") + _box(b"cbor", claim_cbor))
+                + _box(b"jumb", _jumd(b"c2cs", b"c2pa.signature") + _box(b"cbor", signature_cbor)))
+
+
+def crafted_stores() -> dict[str, bytes]:
+    """Manifest stores made by hand to stress c2pa-rs's parser: nesting, claimed lengths, counts."""
+    level = _jumd(b"c2ma", b"x")
+    depth = 100_000  # superboxes inside superboxes, each length exact
+    nested = b"".join(struct.pack(">I", (depth - k) * (len(level) + 8)) + b"jumb" + level for k in range(depth))
+    return {
+        "JUMBF nested 100,000 deep": _store(nested),
+        "claim CBOR nested 1,000,000 deep": _store(_manifest(b"\x81" * 1_000_000 + b"\x00")),
+        "claim CBOR array of 2^60 items": _store(_manifest(b"\x9b" + struct.pack(">Q", 1 << 60))),
+        "claim CBOR byte string of 2^60": _store(_manifest(b"\x5b" + struct.pack(">Q", 1 << 60))),
+        "1,000,000 empty boxes (8 MB, under the cap)": _store(_box(b"jumb", _jumd(b"c2ma", b"m") + _box(b"free", b"") * 1_000_000)),
+        "a 20 MB label": _store(_box(b"jumb", _box(b"jumd", b"c2ma" + _UUID_TAIL + b"\x03" + b"A" * 20_000_000))),
+    }
 
 
 def claims_4gb(signed_png: bytes) -> bytes:

@@ -63,7 +63,9 @@ class C2paVerifier:
         # c2pa-python refuses a Context made in another process (after fork): one per process
         with self._lock:
             if self._context is None or self._pid != os.getpid():
-                settings = {**SETTINGS, "trust": {"trust_anchors": self.trust_anchors.decode()}} if self.trust_anchors else SETTINGS
+                settings = SETTINGS
+                if self.trust_anchors:
+                    settings = {**SETTINGS, "trust": {"trust_anchors": self.trust_anchors.decode()}}
                 self._context = self.c2pa.Context(settings=self.c2pa.Settings.from_dict(settings))
                 self._pid = os.getpid()
             return self._context

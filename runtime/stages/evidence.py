@@ -65,7 +65,7 @@ class Signal:
 class Invalid:
     """A piece of metadata that could not be read safely, and why."""
 
-    source: str  # "c2pa", "xmp", "exif", "png", "jpeg", "webp", "tiff", "file"
+    source: str  # "c2pa", "xmp", "exif", "png", "jpeg", "webp", "tiff", "bmff", "file"
     reason: str
 
 
@@ -106,7 +106,8 @@ class ProvenanceLimits:
     max_text_bytes: int = 1024 * 1024  # one text field: the start is read, the rest skipped
     max_xml_depth: int = 64  # XMP nests about 10 deep
     max_blocks: int = 65_536  # JPEG segments, PNG / WebP chunks, TIFF entries walked
-    max_c2pa_bytes: int = 16 * 1024 * 1024  # a manifest store handed to c2pa-python
+    # a manifest store handed to c2pa-python: its parse is linear in the store (docs/provenance.md)
+    max_c2pa_bytes: int = 8 * 1024 * 1024
     max_prompt_chars: int = 2000  # a prompt echoed with include_prompts=True
     c2pa: bool = True  # False: C2PA is not verified (reported "not_checked")
 

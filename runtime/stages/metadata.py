@@ -20,6 +20,10 @@ from .evidence import Invalid, ProvenanceLimits
 # carries these bytes verbatim.
 C2PA_STORE = b"jumd" + b"c2pa" + bytes.fromhex("00110010800000aa00389b71")
 
+# ISO BMFF (AVIF, HEIF) keeps the store in a top-level uuid box of this UUID
+C2PA_BMFF_UUID = bytes.fromhex("d8fec3d61b0e483c92975828877ec481")
+_TAG_C2PA = 0xCD41  # TIFF keeps it in this tag
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _XMP_APP1 = b"http://ns.adobe.com/xap/1.0/\x00"
 _PNG_XMP_KEYWORD = "XML:com.adobe.xmp"
@@ -55,11 +59,11 @@ class Field:
 
 @dataclass
 class Metadata:
-    format: str | None = None  # the container walked: JPEG, PNG, WEBP, TIFF; None: XMP scanned for
+    format: str | None = None  # the container walked: JPEG, PNG, WEBP, TIFF, BMFF; None: XMP scanned for
     fields: list[Field] = field(default_factory=list)
     invalid: list[Invalid] = field(default_factory=list)
     c2pa_store: bool = False  # an embedded C2PA manifest store's marker is in the file
-    c2pa_bytes: int | None = None  # its size, where the container tells (JPEG, PNG, WebP)
+    c2pa_bytes: int | None = None  # its size: as the container says, else as the store's own box claims
 
 
 class _Budget:
@@ -80,7 +84,8 @@ class _Reading:
     def __init__(self, data: bytes, limits: ProvenanceLimits):
         self.data, self.limits = data, limits
         self.view = memoryview(data)  # slices without copies
-        self.md = Metadata(c2pa_store=C2PA_STORE in data)
+        self.store_at = data.find(C2PA_STORE)
+        self.md = Metadata(c2pa_store=self.store_at >= 0)
         self.budget = _Budget(limits.max_metadata_bytes)
 
     def invalid(self, source: str, reason: str) -> None:
@@ -110,13 +115,47 @@ def read_metadata(data: bytes, limits: ProvenanceLimits) -> Metadata:
         elif data[:4] in (b"II*\x00", b"MM\x00*"):
             r.md.format = "TIFF"
             _exif(r, data, "tiff")
+        elif data[4:8] == b"ftyp":
+            r.md.format = "BMFF"
+            _bmff(r)
+            _scan_xmp(r)
         else:  # GIF, AVIF / HEIF, BMP ...: XMP packets are built to be found by scanning
             _scan_xmp(r)
     except Exception as e:  # noqa: BLE001 - a walker's slip on hostile bytes is a finding, not a crash
         r.invalid("file", f"internal error while reading metadata: {type(e).__name__}: {e}")
+    if r.md.c2pa_store and r.md.c2pa_bytes is None:
+        r.md.c2pa_bytes = _claimed_store_size(data, r.store_at)
     if r.budget.spent_out:
         r.invalid("file", f"more than {limits.max_metadata_bytes} bytes of metadata: the rest was not read")
     return r.md
+
+
+def _claimed_store_size(data: bytes, at: int) -> int | None:
+    """The manifest store's superbox length, where no container says (GIF): [LBox "jumb"] precede
+    its description box. A lie here only misjudges the cap; the file's byte limit still holds."""
+    if at >= 12 and data[at - 8 : at - 4] == b"jumb":
+        return int.from_bytes(data[at - 12 : at - 8], "big")
+    return None
+
+
+def _bmff(r: _Reading) -> None:
+    """Top-level boxes of an AVIF / HEIF: the C2PA uuid box's size."""
+    data, pos, end, blocks = r.data, 0, len(r.data), 0
+    while pos + 8 <= end:
+        blocks += 1
+        if blocks > r.limits.max_blocks:
+            r.invalid("bmff", f"more than {r.limits.max_blocks} top-level boxes: the rest was not read")
+            break
+        size, kind = int.from_bytes(data[pos : pos + 4], "big"), data[pos + 4 : pos + 8]
+        if size == 1 and pos + 16 <= end:
+            size = int.from_bytes(data[pos + 8 : pos + 16], "big")
+        elif size == 0:
+            size = end - pos
+        if size < 8:
+            break
+        if kind == b"uuid" and data[pos + 8 : pos + 24] == C2PA_BMFF_UUID:
+            r.add_c2pa_bytes(size)
+        pos += size
 
 
 def _jpeg(r: _Reading) -> None:
@@ -154,7 +193,7 @@ def _jpeg(r: _Reading) -> None:
             r.add_c2pa_bytes(stop - start)
         pos = stop
     if exif:
-        _exif(r, _take(r, "exif", *exif), "exif")
+        _exif(r, _take(r, *exif), "exif")
     if xmp:
         _xmp(r, data, *xmp)
 
@@ -176,7 +215,7 @@ def _png(r: _Reading) -> None:
         if kind in (b"tEXt", b"zTXt", b"iTXt"):
             _png_text(r, kind, start, stop)
         elif kind == b"eXIf":  # the raw TIFF structure; some writers keep JPEG's "Exif\0\0" before it
-            _exif(r, _take(r, "exif", start + 6 if data.startswith(b"Exif\x00\x00", start) else start, stop), "exif")
+            _exif(r, _take(r, start + 6 if data.startswith(b"Exif\x00\x00", start) else start, stop), "exif")
         elif kind == b"caBX":
             r.add_c2pa_bytes(length)
         elif kind == b"IEND":
@@ -213,15 +252,15 @@ def _png_text(r: _Reading, kind: bytes, start: int, stop: int) -> None:
         if raw is None:
             return
     else:
-        raw = _take(r, "png", at, min(stop, at + cap))
+        raw = _take(r, at, min(stop, at + cap))
         truncated = stop - at > len(raw)
     if is_xmp:
-        if truncated or len(raw) > r.limits.max_xmp_bytes:
+        if len(raw) > r.limits.max_xmp_bytes:
             r.invalid("xmp", f"an XMP packet over the limit of {r.limits.max_xmp_bytes} bytes: not parsed")
-        else:
+        elif not truncated:  # else the budget ran out, which read_metadata reports
             _xmp(r, raw, 0, len(raw), charge=False)
         return
-    if truncated:
+    if truncated and len(raw) >= r.limits.max_text_bytes:
         r.invalid("png", f"text chunk {key!r} is over {r.limits.max_text_bytes} bytes: only its start was read")
     r.add("png", key, raw.decode(encoding, "replace"), truncated)
 
@@ -266,12 +305,12 @@ def _webp(r: _Reading) -> None:
             r.add_c2pa_bytes(stop - start)
         pos = stop + (stop & 1)  # chunks are padded to even sizes
     if exif:
-        _exif(r, _take(r, "exif", *exif), "exif")
+        _exif(r, _take(r, *exif), "exif")
     if xmp:
         _xmp(r, data, *xmp)
 
 
-def _take(r: _Reading, source: str, start: int, stop: int) -> bytes:
+def _take(r: _Reading, start: int, stop: int) -> bytes:
     """data[start:stop], or as much of its start as the budget allows."""
     return r.data[start : start + r.budget.take(stop - start)]
 
@@ -292,13 +331,15 @@ def _exif(r: _Reading, blob: bytes, source: str) -> None:
             if raw:
                 r.add("exif", name, raw.rstrip(b"\x00").decode("utf-8", "replace"))
     if _TAG_XMP in entries and source == "tiff":
-        typ, count, at = entries[_TAG_XMP]
+        count = entries[_TAG_XMP][1]
         if count > r.limits.max_xmp_bytes:
             r.invalid("xmp", f"an XMP packet of {count} bytes, over the limit of {r.limits.max_xmp_bytes}: not parsed")
         else:
             raw = _value(r, blob, order, entries[_TAG_XMP], source, "XMP")
             if raw:
                 _xmp(r, raw, 0, len(raw), charge=False)
+    if _TAG_C2PA in entries and source == "tiff":
+        r.add_c2pa_bytes(entries[_TAG_C2PA][1])
     if _TAG_EXIF_IFD in entries:
         typ, count, at = entries[_TAG_EXIF_IFD]
         sub = _ifd(r, blob, order, struct.unpack(order + "I", at)[0], source) if typ in (4, 13) else None

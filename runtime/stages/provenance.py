@@ -79,7 +79,8 @@ class Provenance:
             b = self.basis
             what = "declares AI-generated" if b.declares_ai else "declares not AI-generated"
             if b.source == "c2pa":
-                by = f" by {self.c2pa.signer!r}" + (f" ({self.c2pa.issuer})" if self.c2pa.issuer else "") if self.c2pa.signer else ""
+                c = self.c2pa
+                by = f" by {c.signer!r}" + (f" ({c.issuer})" if c.issuer else "") if c.signer else ""
                 where = _C2PA_WORDS[b.signed].format(by=by)
             else:
                 where = f"unsigned {_SOURCE_WORDS.get(b.source, b.source)} {b.field}"
