@@ -290,7 +290,8 @@ def crafted_stores() -> dict[str, bytes]:
         "claim CBOR nested 1,000,000 deep": _store(_manifest(b"\x81" * 1_000_000 + b"\x00")),
         "claim CBOR array of 2^60 items": _store(_manifest(b"\x9b" + struct.pack(">Q", 1 << 60))),
         "claim CBOR byte string of 2^60": _store(_manifest(b"\x5b" + struct.pack(">Q", 1 << 60))),
-        "1,000,000 empty boxes (8 MB, under the cap)": _store(_box(b"jumb", _jumd(b"c2ma", b"m") + _box(b"free", b"") * 1_000_000)),
+        "1,000,000 empty boxes (8 MB, under the cap)": _store(_box(b"jumb", _jumd(b"c2ma", b"m")
+                                                                   + _box(b"free", b"") * 1_000_000)),
         "a 20 MB label": _store(_box(b"jumb", _box(b"jumd", b"c2ma" + _UUID_TAIL + b"\x03" + b"A" * 20_000_000))),
     }
 

@@ -34,9 +34,18 @@ def _load_c2pa() -> tuple[object | None, str | None]:
         import c2pa
     except ImportError:
         return None, INSTALL_HINT
-    except OSError as e:  # the wheel installed, its native library did not load (an older glibc)
-        return None, f"not checked (c2pa-python did not load: {clip(str(e), 160)})"
+    except Exception as e:  # noqa: BLE001 - installed, but its native library did not load (an older glibc):
+        # c2pa-python raises RuntimeError naming the library and ctypes' OSError
+        return None, f"not checked (c2pa-python did not load: {_load_error(str(e))})"
     return c2pa, None
+
+
+def _load_error(message: str) -> str:
+    """The loader's own words out of c2pa-python's several lines (Found ... but failed to load:
+    - <path>: <what ld.so said>); for an old glibc: version `GLIBC_2.34' not found ..."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    detail = next((line for line in lines if line.startswith("- ")), lines[0] if lines else message)
+    return clip(detail.rsplit(": ", 1)[-1] if ": " in detail else detail, 200)
 
 
 class C2paVerifier:

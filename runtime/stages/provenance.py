@@ -89,8 +89,11 @@ class Provenance:
         notes = []
         if self.conflicting:
             notes.append("other signals disagree")
-        if self.c2pa.state in ("invalid", "not_checked") and self.c2pa.reason:
-            notes.append(f"C2PA {self.c2pa.state.replace('_', ' ')}: {clip(self.c2pa.reason, 120)}")
+        reason = clip(self.c2pa.reason or "", 120)
+        if self.c2pa.state == "invalid":
+            notes.append(f"C2PA invalid: {reason}")
+        elif self.c2pa.state == "not_checked":
+            notes.append(f"C2PA {reason}" if reason.startswith("not checked") else f"C2PA not checked: {reason}")
         unreadable = [i for i in self.invalid if i.source != "c2pa"]  # C2PA's is said above
         if unreadable:
             notes.append(f"unreadable metadata: {clip(unreadable[0].reason, 100)}"
