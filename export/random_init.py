@@ -72,10 +72,9 @@ def write_bert_tokenizer(folder: Path, vocab_size: int) -> dict:
 
     head = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tail = ["[DEC]", "[ENC]"]
-    words = _corpus()
+    # as many corpus words as the vocabulary holds (a tiny model's captions name the first ones)
+    words = _corpus()[: vocab_size - len(head) - len(tail)]
     filler = vocab_size - len(head) - len(tail) - len(words)
-    if filler < 0:
-        raise ValueError(f"captioner vocab_size {vocab_size} is too small for {len(words)} words")
     vocab = head + words + [f"[unused{i}]" for i in range(filler)] + tail
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
@@ -94,20 +93,23 @@ def write_clip_tokenizer(folder: Path, vocab_size: int, max_length: int, pad_tok
     vocab = alphabet + [c + "</w>" for c in alphabet]
     merges: list[tuple[str, str]] = []
     seen = set(vocab)
-    for word in _corpus():
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        left = parts[0]
-        for right in parts[1:]:
-            merged = left + right
-            if merged not in seen:
-                seen.add(merged)
-                merges.append((left, right))
-                vocab.append(merged)
-            left = merged
     specials = ["<|startoftext|>", "<|endoftext|>"]
+    for word in _corpus():  # whole words while they fit; the rest are spelt in smaller pieces
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        new, left = [], parts[0]
+        for right in parts[1:]:
+            if left + right not in seen and (left + right) not in {m[0] + m[1] for m in new}:
+                new.append((left, right))
+            left = left + right
+        if len(vocab) + len(new) + len(specials) > vocab_size:
+            break
+        for left, right in new:
+            seen.add(left + right)
+            merges.append((left, right))
+            vocab.append(left + right)
     filler = vocab_size - len(vocab) - len(specials)
     if filler < 0:
-        raise ValueError(f"CLIP vocab_size {vocab_size} is too small ({len(vocab)} BPE tokens)")
+        raise ValueError(f"CLIP vocab_size {vocab_size} is too small for its {len(vocab)} byte-level tokens")
     vocab += [f"<|unused{i}|>" for i in range(filler)] + specials
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))

@@ -60,6 +60,7 @@ def test_greedy_tokens_match_generate_directly(runtime, reference, samples):
 def test_decoder_reads_each_layers_cross_kv_in_place(runtime, samples):
     """One decoder input per layer, fed views of the cross-K/V graph's stacked outputs: a step
     copies no K/V (slicing a stacked input inside the graph copied 42 MB a step at full size)."""
+    from itemrt.backends.base import HostSession
     from itemrt.stages.captioner import cross_inputs
     from itemrt.stages.preprocess import preprocess
 
@@ -69,7 +70,7 @@ def test_decoder_reads_each_layers_cross_kv_in_place(runtime, samples):
     k, v = cap.cross_kv(cap.encode_image(preprocess([([load_image(samples[0])], runtime.specs["captioner"])])[0]))
     fed, decoder = [], cap.decoder
 
-    class Recording:  # the real session, with its feeds kept
+    class Recording(HostSession):  # the real session, with its feeds kept
         inputs, outputs, name = decoder.inputs, decoder.outputs, decoder.name
 
         def run(self, feeds, outputs=None):
