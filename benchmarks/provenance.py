@@ -22,7 +22,7 @@ from collections.abc import Callable
 from itemrt.argtypes import COUNT
 from itemrt.samples import images
 from itemrt.stages.images import decode_bytes
-from itemrt.stages.provenance import ProvenanceReader
+from itemrt.provenance import ProvenanceReader
 
 from . import provenance_inputs as pi
 

@@ -12,7 +12,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from itemrt.stages.metadata import PNG_SIGNATURE
+from itemrt.provenance.metadata import PNG_SIGNATURE
 from PIL import Image
 
 TRAINED = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"

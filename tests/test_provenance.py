@@ -13,10 +13,10 @@ import threading
 
 import pytest
 from itemrt.bench import provenance_inputs as pi
-from itemrt.stages import content_credentials
-from itemrt.stages.evidence import DIGITAL_SOURCE_TYPES, ProvenanceLimits, Signal
-from itemrt.stages.metadata import read_metadata
-from itemrt.stages.provenance import (
+from itemrt.provenance import content_credentials
+from itemrt.provenance.evidence import DIGITAL_SOURCE_TYPES, ProvenanceLimits, Signal
+from itemrt.provenance.metadata import read_metadata
+from itemrt.provenance import (
     INSTALL_HINT,
     Provenance,
     ProvenanceReader,
@@ -173,7 +173,7 @@ def refuse(name, *a, **k):
     return real(name, *a, **k)
 real, ctypes.CDLL = ctypes.CDLL, refuse
 from itemrt.bench import provenance_inputs as pi
-from itemrt.stages.provenance import ProvenanceReader
+from itemrt.provenance import ProvenanceReader
 reader = ProvenanceReader()
 p = reader.read(pi.png_with([pi.text_chunk("parameters", pi.A1111)], base=pi.hostile()["garbage JUMBF (caBX)"][0]))
 print(reader.c2pa_status)
@@ -393,7 +393,7 @@ def test_hostile_c2pa_stores_in_a_memory_capped_process():
     code = """
 import resource, sys
 from itemrt.bench import provenance_inputs as pi
-from itemrt.stages.provenance import read_provenance
+from itemrt.provenance import read_provenance
 creds = pi.make_credentials()
 png, jpeg = (pi.sign(pi.image(f), m, creds) for f, m in (("PNG", "image/png"), ("JPEG", "image/jpeg")))
 cases = {k: v[0] for k, v in pi.hostile(jpeg, png).items()}

@@ -4,7 +4,7 @@ in memory, bounded in time and memory. It never changes p(fake) or the label: it
 the verdict, and everything except a valid C2PA signature is trivially forged or stripped
 (docs/provenance.md).
 
-    from itemrt.stages.provenance import read_provenance
+    from itemrt.provenance import read_provenance
     p = read_provenance(data)                  # bytes of a JPEG, PNG, WebP, TIFF, GIF, AVIF ...
     p.declared_ai, p.basis, p.summary          # True, Signal(source="c2pa", ...), "declares AI ..."
     p.to_dict()                                # for JSON
