@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .provenance import Provenance
 from .stages.recipe import Pairs
 
 
@@ -29,9 +30,13 @@ class DetectionResult:
     image_size: tuple[int, int]  # (width, height)
     bundle: str
     timings_ms: dict[str, float] = field(default_factory=dict)  # per stage, for the whole call
+    # what the file declares about its origin: evidence beside p_fake, never an input to it
+    provenance: Provenance | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["provenance"] = self.provenance.to_dict() if self.provenance is not None else None
+        return d
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,13 @@ from .errors import (
     ImageError,
     RuntimeClosedError,
 )
+from .provenance import Provenance, ProvenanceLimits, ProvenanceReader, TrustAnchors
 from .results import Analysis, DetectionResult, ObjectResult
 from .stages.captioner import Captioner, DecodingSpec
 from .stages.clip import Clip
 from .stages.detector import Detection, Detector
-from .stages.images import DEFAULT_LIMITS, ImageInput, ImageLimits, crop_box, load_image
-from .stages.preprocess import ImageSpec, preprocess
+from .stages.images import DEFAULT_LIMITS, ImageInput, ImageLimits, LoadedImage, crop_box, read_image
+from .stages.preprocess import preprocess
 from .stages.recipe import Pairs, distances, recipe
 from .stages.text import TextTokenizer, TextTower, TokenizerSpec
 from .stages.words import Vocabulary
@@ -101,6 +102,8 @@ class Runtime:
         image_limits: ImageLimits = DEFAULT_LIMITS,
         profile_prefix: str | None = None,
         max_batch: int | None = None,
+        provenance: bool = True,
+        trust_anchors: TrustAnchors | None = None,
     ):
         # Arguments first: a bad one fails before any graph is loaded.
         engine = backend_class(backend)
@@ -109,35 +112,40 @@ class Runtime:
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.bundle = b = Bundle.open(bundle, verify=verify)
-        m = b.manifest
+        spec = b.spec  # the manifest, typed and checked at open (schema.py)
         self.backend = backend
         self.engine = engine(backend, b, precision, threads, profile_prefix)
         self.precision = self.engine.precision
         self.precisions: dict[str, str] = {}  # what each graph really runs in
         self.sessions: dict[str, Session] = {}
 
-        def tokenizer(section: str) -> TextTokenizer:
-            spec = TokenizerSpec.from_dict(m[section]["tokenizer"])
-            return TextTokenizer(b.file(spec.file), spec)
+        def tokenizer(t: TokenizerSpec) -> TextTokenizer:
+            return TextTokenizer(b.file(t.file), t)
 
         self.captioner = Captioner(
             self._open("captioner_vision"),
             self._open("captioner_cross_kv"),
             self._open("captioner_decoder"),
-            tokenizer("captioner"),
-            DecodingSpec.from_dict(m["captioner"]["decoding"]),
+            tokenizer(spec.captioner.tokenizer),
+            # from the dict: a strategy other than greedy is refused here, while `item info` still opens it
+            DecodingSpec.from_dict(b.manifest["captioner"]["decoding"]),
         )
         self.detector = Detector(self._open("detector_image"), self._open("detector_head"))
-        self.clip = Clip(self._open("clip_image"), TextTower(self._open("clip_text"), tokenizer("clip"), "text_embeds"))
+        self.clip = Clip(self._open("clip_image"),
+                         TextTower(self._open("clip_text"), tokenizer(spec.clip.tokenizer), "text_embeds"))
         self.head = self._open("head")
-        self.specs = {k: ImageSpec.from_dict(m[k]["preprocess"]) for k in ("captioner", "detector", "clip")}
-        self.vocabulary = Vocabulary.load(b.file(m["words"]["vocabulary"]))
-        self.bank = WordBank(b.file(m["words"]["bank"]), self.vocabulary)
-        self.max_objects = int(m["words"]["max_objects"])
-        self.det_threshold = float(m["detector"]["threshold"])
-        self.features, _ = recipe(m["head"]["recipe"])
-        self.threshold = float(m["head"]["threshold"])
+        self.specs = {"captioner": spec.captioner.preprocess, "detector": spec.detector.preprocess,
+                      "clip": spec.clip.preprocess}
+        self.vocabulary = Vocabulary.load(b.file(spec.words.vocabulary))
+        self.bank = WordBank(b.file(spec.words.bank), self.vocabulary)
+        self.max_objects = spec.words.max_objects
+        self.det_threshold = float(spec.detector.threshold)
+        self.features, _ = recipe(spec.head.recipe)
+        self.threshold = float(spec.head.threshold)
         self.image_limits = image_limits
+        # reads what each file declares (C2PA, XMP, generators' marks) from the bytes decoded
+        self.provenance = ProvenanceReader(trust_anchors, ProvenanceLimits(max_bytes=image_limits.max_bytes)) \
+            if provenance else None
         caps = [x for x in (max_batch, self.engine.max_batch) if x is not None]
         self.max_batch = min(caps) if caps else 8
         self._closed = False
@@ -187,12 +195,19 @@ class Runtime:
             with t.stage("decode"):
                 n = len(images)
                 if n == 1:  # on this thread: a pool thread measured slower on one 12 MP JPEG in item-bench
-                    pil = [self._load(images[0], first, total)]
+                    loaded = [self._load(images[0], first, total)]
                 else:  # Pillow decodes without the GIL: several images at once
-                    pil = list(self._image_pool.map(self._load, images, range(first, first + n), [total] * n))
-            results = self._run(pil, t, max_new_tokens, words)
+                    loaded = list(self._image_pool.map(self._load, images, range(first, first + n), [total] * n))
+            if self.provenance is not None:
+                with t.stage("provenance"):  # bounded, and never an input to the verdict
+                    data = [x.data for x in loaded]
+                    found = list(self._image_pool.map(self._provenance, data)) if n > 1 else [self._provenance(data[0])]
+            else:
+                found = [None] * len(loaded)
+            results = self._run([x.image for x in loaded], t, max_new_tokens, words)
         timings = {k: round(v, 3) for k, v in t.items()}
-        return [Analysis(replace(a.result, timings_ms=dict(timings)), a.pairs) for a in results]
+        return [Analysis(replace(a.result, timings_ms=dict(timings), provenance=p), a.pairs)
+                for a, p in zip(results, found)]
 
     def close(self) -> None:
         """Free the sessions' device memory and stop the thread pools; detect() then raises."""
@@ -214,13 +229,18 @@ class Runtime:
 
     # --- the chain ----------------------------------------------------------------------
 
-    def _load(self, x: ImageInput, i: int, n: int) -> Image.Image:
+    def _load(self, x: ImageInput, i: int, n: int) -> LoadedImage:
         try:
-            return load_image(x, self.image_limits)
+            return read_image(x, self.image_limits)
         except ImageError as e:
             if n == 1:
                 raise
             raise type(e)(f"image {i}: {e}") from None
+
+    def _provenance(self, data: bytes | None) -> Provenance:
+        if data is None:
+            return Provenance.unavailable("given decoded pixels (a PIL image or an array), not a file")
+        return self.provenance.read(data)
 
     def _run(
         self, images: list[Image.Image], t: Timings, max_new_tokens: int | None, forced: list[str] | None

@@ -450,3 +450,31 @@ def test_mutated_metadata_never_breaks_the_reader():
         json.dumps(p.to_dict())
         declared += p.declared_ai is True
     assert declared > 100  # most mutants still carry a readable mark: the fuzz reaches the parsers
+
+
+# --- in the chain: Runtime.detect carries it, and it never moves the verdict --------------------
+
+
+def test_the_runtime_reports_provenance_beside_an_unchanged_verdict(runtime, tiny_bundle, signed, creds, tmp_path):
+    from itemrt import Runtime
+    from itemrt.stages.images import read_image
+
+    path = tmp_path / "signed.jpg"
+    path.write_bytes(signed["jpeg"])
+    got = {"path": runtime.detect(path), "bytes": runtime.detect(signed["jpeg"]),
+           "loaded": runtime.detect(read_image(path))}
+    for how, r in got.items():
+        p = r.provenance
+        assert p.declared_ai is True and p.basis.source == "c2pa" and p.c2pa.state == "untrusted", how
+        assert r.to_dict()["provenance"]["summary"] == p.summary
+        assert "provenance" in r.timings_ms
+    pixels = runtime.detect(read_image(path).image)  # decoded pixels carry no file
+    assert pixels.provenance.read is False and pixels.provenance.declared_ai is None
+    same = runtime.precision
+    with Runtime(tiny_bundle, precision=same, provenance=False) as off, \
+            Runtime(tiny_bundle, precision=same, trust_anchors=creds.root_pem) as trusting:
+        plain, trusted = off.detect(path), trusting.detect(path)
+    assert plain.provenance is None and plain.to_dict()["provenance"] is None and "provenance" not in plain.timings_ms
+    assert trusted.provenance.c2pa.state == "trusted"
+    for r in (*got.values(), pixels, trusted):  # evidence beside the verdict, never an input to it
+        assert (r.p_fake, r.label, r.caption_tokens) == (plain.p_fake, plain.label, plain.caption_tokens)

@@ -31,8 +31,6 @@ from ..errors import (
     UnsupportedImageError,
 )
 
-ImageInput = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | Image.Image | np.ndarray
-
 Hold = Callable[[int], AbstractContextManager]
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -66,17 +64,38 @@ DECODE_BYTES = {"JPEG": 9, "PNG": 10, "TIFF": 11, "BMP": 5, "PPM": 5, "GIF": 6, 
 DECODE_BYTES_REF = 12
 
 
+@dataclass(frozen=True)
+class LoadedImage:
+    """A decoded image and the file bytes it came from (None for a PIL image or an array):
+    what a caller that decodes ahead (for a picture, or a decode budget) hands the runtime, so
+    that the file's own metadata can still be read."""
+
+    image: Image.Image
+    data: bytes | None
+
+
+ImageInput = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | Image.Image | np.ndarray | LoadedImage
+
+
 def load_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, hold: Hold | None = None) -> Image.Image:
     """Path, bytes, binary file object, PIL image or HxWx3 uint8 array -> upright RGB PIL image
     (first frame). `hold(pixels)`, a context manager, is entered with the pixel count the header
     claims, before anything is decoded, and left once the RGB image is made (item serve's
     budget of pixels decoded at once)."""
+    return read_image(source, limits, hold).image
+
+
+def read_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS,
+               hold: Hold | None = None) -> LoadedImage:
+    """`load_image`, keeping the bytes that were read (within the limits, read once)."""
+    if isinstance(source, LoadedImage):
+        return source
     if isinstance(source, np.ndarray):
-        return _from_array(source, limits)
+        return LoadedImage(_from_array(source, limits), None)
     if isinstance(source, Image.Image):
         _check_size(source.size, limits)
         # Image.open is lazy: a caller's image may not be decoded yet, and may be truncated
-        return _typed_errors(lambda: _to_rgb(_upright(_loaded(_first_frame(source)))))
+        return LoadedImage(_typed_errors(lambda: _to_rgb(_upright(_loaded(_first_frame(source))))), None)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     elif isinstance(source, (str, os.PathLike)):
@@ -90,7 +109,7 @@ def load_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, hold: H
             f"unsupported input type {type(source).__name__}: "
             "give a path, bytes, a binary file object, a PIL image or an HxWx3 uint8 array"
         )
-    return decode_bytes(data, limits, hold)
+    return LoadedImage(decode_bytes(data, limits, hold), data)
 
 
 def decode_bytes(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, hold: Hold | None = None) -> Image.Image:
