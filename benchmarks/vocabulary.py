@@ -76,7 +76,7 @@ ALIASES = {
     "toilet bowl": "toilet", "necktie": "tie", "home base": "home plate", "baseball diamond": "baseball field", "power line": "power line",
     "telephone wire": "power line", "power pole": "pole", "telephone pole": "pole",
     "restroom": "bathroom", "washroom": "bathroom", "lavatory": "bathroom", "bath room": "bathroom",
-    "clothes": "clothing",
+    "clothes": "clothing", "harbour": "harbor",
 }
 
 # Parts of people and animals that captions name (no detection vocabulary has them).
@@ -90,7 +90,7 @@ SCENE = [w.strip() for w in """kitchen, bathroom, bedroom, living room, room, di
 restaurant, cafe, store, shop, market, station, train station, airport, zoo, court, tennis court, field,
 baseball field, soccer field, park, playground, yard, backyard, farm, garden, beach, city, town, street,
 road, highway, intersection, downtown, countryside, desert, forest, jungle, valley, parking lot, stadium,
-arena, slope, ski slope, mountainside, runway, harbor, harbour, marina, lobby, hallway, hall, classroom,
+arena, slope, ski slope, mountainside, runway, harbor, marina, lobby, hallway, hall, classroom,
 library, campus, village, neighborhood, bakery, kitchenette""".split(",")]
 
 # Caption nouns that are no object of their own: bench.words' framing, position and non-visual

@@ -330,3 +330,20 @@ def test_default_vocabulary_is_the_shipped_file():
     assert DEFAULT_VOCABULARY.name == "vocabulary.json"
     doc = json.loads(DEFAULT_VOCABULARY.read_text())
     assert doc["version"] == 2 and "lvis" in doc["sources"] and "coco" in doc["sources"]
+
+
+def test_words_command(capsys, monkeypatch):
+    import argparse
+    import io
+
+    from itemrt.stages.words import words_command
+
+    args = argparse.Namespace(captions=["a baby elephant", "-"], bundle=None, max_objects=None, json=False)
+    monkeypatch.setattr("sys.stdin", io.StringIO("glasses of wine\n\n"))
+    assert words_command(args) == 0
+    out = capsys.readouterr().out
+    assert "words: elephant" in out and "BLOCKED by young animal" in out and "words: glass, wine" in out
+    args = argparse.Namespace(captions=["an orange cat"], bundle=None, max_objects=1, json=True)
+    assert words_command(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["words"] == ["cat"] and doc["max_objects"] == 1 and doc["hits"][0]["blocked"].startswith("colour")

@@ -121,6 +121,11 @@ class Explanation:
     hits: list[Hit]
     unmatched: list[str]  # content tokens that no entry matched (dropped: not looked for)
 
+    def to_dict(self) -> dict:
+        return {"caption": self.caption, "words": self.words, "vocabulary_version": self.version,
+                "max_objects": self.max_objects, "hits": [h.__dict__ for h in self.hits],
+                "unmatched": self.unmatched}
+
     def lines(self) -> list[str]:
         out = [f"caption: {self.caption}", f"words: {', '.join(self.words) or '(none)'}"
                f"   (vocabulary version {self.version}, cap {self.max_objects})"]
@@ -388,3 +393,32 @@ class Vocabulary:
             else:
                 i += 1
         return hits
+
+
+def words_command(args) -> int:
+    """`item words CAPTION ... [--bundle B] [--max-objects N] [--json]`: which object words each
+    caption yields and why. The shipped vocabulary unless --bundle names a bundle, whose own
+    vocabulary and cap are used; "-" reads captions from standard input, one a line."""
+    import sys
+
+    max_objects = 4
+    if getattr(args, "bundle", None):
+        from itemrt.bundle import Bundle
+
+        b = Bundle.open(args.bundle)
+        vocab = Vocabulary.load(b.file(b.manifest["words"]["vocabulary"]))
+        max_objects = int(b.manifest["words"]["max_objects"])
+    else:
+        vocab = Vocabulary.load()
+    if getattr(args, "max_objects", None):
+        max_objects = args.max_objects
+    captions: list[str] = []
+    for c in args.captions:
+        captions += [line for line in sys.stdin.read().splitlines() if line.strip()] if c == "-" else [c]
+    for i, caption in enumerate(captions):
+        ex = vocab.explain(caption, max_objects)
+        if getattr(args, "json", False):
+            print(json.dumps(ex.to_dict(), ensure_ascii=False))
+        else:
+            print(("\n" if i else "") + "\n".join(ex.lines()))
+    return 0
