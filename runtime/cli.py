@@ -13,7 +13,7 @@ import textwrap
 import threading
 from pathlib import Path
 
-from .argtypes import COUNT, FRACTION, PORT, SECONDS, THREADS, number
+from .argtypes import COUNT, FRACTION, PORT, SECONDS, THREADS, integer, number
 from .backends import BACKENDS
 from .bundle import PRECISIONS
 from .datasets.dataset import DEFAULT_RATIOS, IMAGE_SUFFIXES
@@ -88,6 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--header-timeout-s", type=SECONDS, default=20.0,
                    help="to receive a request's line and headers; beyond: 408 and the connection closed")
     s.add_argument("--log-level", default="info")
+    s.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process, under uvicorn; ray: Ray Serve replicas (the [ray] extra; docs/ray.md)")
+    r = _ray_arguments(s, "Detector replica")
+    r.add_argument("--replicas", type=COUNT, default=1, help="Detector replicas, one Runtime each")
+    r.add_argument("--min-replicas", type=COUNT, default=None, help="with --max-replicas: autoscale between them")
+    r.add_argument("--max-replicas", type=COUNT, default=None)
+    r.add_argument("--ingress-replicas", type=COUNT, default=1, help="gateways in front of the replicas")
+    r.add_argument("--ingress-num-cpus", type=number(0), default=0.25)
+    r.add_argument("--retries", type=integer(0), default=2,
+                   help="sends of an image to another replica when its replica dies mid-request")
+    r.add_argument("--app-name", default="itemrt")
+    r.add_argument("--detach", action="store_true", help="deploy and return, the app stays up (needs --address)")
+    r.add_argument("--write-config", type=Path, default=None, metavar="FILE",
+                   help="write the Serve config YAML (serve deploy FILE, KubeRay) and exit")
     s.set_defaults(func=_serve)
 
     w = sub.add_parser("watch", help="process every new image dropped into a folder, once",
@@ -127,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--split-ratios", type=FRACTION, nargs=3, default=list(DEFAULT_RATIOS), metavar=("TRAIN", "VAL", "TEST"),
                    help="for images without a split: assigned by a hash of the path (stable across runs)")
     f.add_argument("--perturb", type=perturbation_argument, default=None, metavar="SPEC", help="jpeg=Q, blur=SIGMA or scale=F applied before the chain")
+    f.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: one Runtime here; ray: a Ray Data actor pool of runtimes (the [ray] extra; docs/ray.md)")
+    r = _ray_arguments(f, "actor")
+    r.add_argument("--actors", type=COUNT, default=None,
+                   help="runtimes in the pool (default: Ray Data scales it to what the cluster holds)")
     f.set_defaults(func=_features)
 
     t = sub.add_parser("train", help="train the MLP head on stored features and install it (needs [export])")
@@ -156,6 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_demo)
 
     return p
+
+
+def _ray_arguments(p: argparse.ArgumentParser, unit: str) -> argparse._ArgumentGroup:
+    r = p.add_argument_group("with --engine ray (docs/ray.md)")
+    r.add_argument("--address", default=None,
+                   help="the Ray cluster: auto (the one `ray start` runs here) or HEAD:PORT; "
+                        "default: a new one on this machine, on loopback, for this command only")
+    r.add_argument("--num-cpus", type=number(0), default=1.0, help=f"Ray CPUs per {unit}")
+    r.add_argument("--num-gpus", type=number(0), default=0.0, help=f"GPUs per {unit}; a fraction shares one")
+    return r
 
 
 def _name_bytes(err: UnicodeError) -> tuple[str, int]:
@@ -320,6 +349,8 @@ def _features(args) -> int:
         print("item features: give --bundle or set ITEM_BUNDLE", file=sys.stderr)
         return 2
     samples = load_dataset(args.dataset, tuple(args.split_ratios))
+    if args.engine == "ray":
+        return _features_on_ray(args, samples)
     with Runtime(args.bundle, threads=args.threads, precision=args.precision, backend=args.backend,
                  max_batch=args.batch_size) as rt:  # a batch is one pass
         try:
@@ -331,6 +362,30 @@ def _features(args) -> int:
     bad = f" (listed in {args.out / 'bad.jsonl'})" if s.bad else ""
     _stderr(f"item features: {s.extracted} images extracted, {s.skipped} already done, {s.bad} unreadable{bad}; "
             f"store {args.out}")
+    return 0
+
+
+def _features_on_ray(args, samples) -> int:
+    from .ray_cluster import Cluster
+
+    cluster = Cluster(args.address)  # before ray is imported
+    try:
+        from .datasets.ray_features import ChainSettings, RayFeatureOptions, features_command
+    except ImportError as e:
+        print(f"item features --engine ray needs the ray extra: pip install 'itemrt[ray]' ({e})", file=sys.stderr)
+        return 2
+    settings = ChainSettings(args.bundle, args.precision, args.backend, args.threads, args.batch_size,
+                             args.perturb or "")
+    options = RayFeatureOptions(args.actors, args.num_cpus, args.num_gpus)
+    try:
+        s = features_command(settings, samples, args.out, cluster=cluster, options=options,
+                             dataset=str(args.dataset.resolve()), progress=_stderr)
+    except KeyboardInterrupt:
+        _stderr(f"item features: interrupted; finished images are kept in {args.out}, rerun to resume")
+        return 130
+    bad = f" (listed in {args.out / 'bad.jsonl'})" if s.bad else ""
+    _stderr(f"item features: {s.extracted} images extracted, {s.skipped} already done, {s.bad} unreadable{bad}; "
+            f"store {args.out} (on Ray)")
     return 0
 
 
@@ -474,8 +529,42 @@ def _serve(args) -> int:
         upload_timeout_s=args.upload_timeout_s, header_timeout_s=args.header_timeout_s,
         decode_budget_pixels=int(args.decode_budget_mp * 1e6), token=read_token(args.token_file),
     )
+    if args.engine == "ray":
+        return _serve_on_ray(args, cfg)
     serve(cfg, args.host, args.port, args.log_level)
     return 0
+
+
+def _serve_on_ray(args, cfg) -> int:
+    from dataclasses import replace
+
+    from .ray_cluster import Cluster
+
+    if args.detach and args.address is None:
+        print("item serve: --detach needs --address (a cluster that outlives this command)", file=sys.stderr)
+        return 2
+    cluster = Cluster(args.address)  # before ray is imported
+    try:
+        from .gateways.ray_serve import RayOptions, config_yaml, serve_command
+    except ImportError as e:
+        print(f"item serve --engine ray needs the ray extra: pip install 'itemrt[ray]' ({e})", file=sys.stderr)
+        return 2
+    try:
+        opts = RayOptions(args.replicas, args.min_replicas, args.max_replicas, args.num_cpus, args.num_gpus,
+                          args.ingress_replicas, args.ingress_num_cpus, args.retries,
+                          str(Path(args.token_file).resolve()) if args.token_file else None)
+    except ValueError as e:
+        print(f"item serve: {e}", file=sys.stderr)
+        return 2
+    # The token is read where the gateway runs (token_file or $ITEM_SERVE_TOKEN there), never
+    # shipped in the deployment's arguments; read_token above only checked the file.
+    cfg = replace(cfg, bundle=str(Path(cfg.bundle).resolve()), token=None)
+    if args.write_config:
+        args.write_config.write_text(config_yaml(cfg, opts, args.host, args.port, args.app_name))
+        _stderr(f"item serve: wrote {args.write_config}; deploy it with `serve deploy {args.write_config}`")
+        return 0
+    return serve_command(cfg, opts, cluster=cluster, host=args.host, port=args.port, name=args.app_name,
+                         detach=args.detach, emit=_stderr)
 
 
 def _watch(args) -> int:

@@ -196,14 +196,22 @@ class FeatureStore:
         return meta
 
     def append(self, rec: dict[str, np.ndarray]) -> None:
+        self.append_packed(str(rec["key"]), _pack(rec))
+
+    def append_packed(self, key: str, packed: bytes) -> None:
+        """A record `_pack` made, here or in a worker elsewhere (ray_features.py)."""
         with signals_held():
-            self._log.write(_pack(rec))
+            self._log.write(packed)
             self._log.flush()
             os.fsync(self._log.fileno())
-        self.done.add(str(rec["key"]))
+        self.done.add(key)
         self._pending += 1
         if self._pending >= self.shard_size:
             self.compact()
+
+    def todo(self, samples: list[Sample]) -> list[Sample]:
+        """The samples neither finished nor listed bad: what a (resumed) run still does."""
+        return [s for s in samples if s.key not in self.done and s.key not in self.bad]
 
     def add_bad(self, s: Sample, err: Exception) -> None:
         line = json.dumps({"key": s.key, "path": str(s.path), "error": getattr(err, "code", type(err).__name__),
@@ -323,6 +331,34 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def store_meta(runtime, perturbation: str = "", dataset: str = "") -> dict:
+    """The store's meta for features from this runtime: what a resumed run must match."""
+    m = runtime.bundle.manifest
+    return {
+        "bundle": runtime.bundle.name, "fingerprint": runtime.bundle.feature_fingerprint,
+        "backend": runtime.backend, "precision": runtime.precision, "perturbation": perturbation,
+        "max_objects": runtime.max_objects, "dim": int(m["clip"]["dim"]), "dataset": dataset,
+    }
+
+
+def extract_chunk(runtime, chunk: list[Sample], perturbation: str = "") -> list[tuple[Sample, dict | ImageError]]:
+    """One pass of the chain over a chunk of samples, in their order: each sample's row of the
+    store, or the ImageError that lists it bad. The images that load run as one batch."""
+    rows: list[dict | ImageError | None] = [None] * len(chunk)
+    images, where = [], []
+    for i, s in enumerate(chunk):
+        try:
+            img = load_image(s.path, runtime.image_limits)
+            images.append(perturb(img, perturbation) if perturbation else img)
+            where.append(i)
+        except ImageError as e:
+            rows[i] = e
+    k, dim = runtime.max_objects, int(runtime.bundle.manifest["clip"]["dim"])
+    for i, a in zip(where, runtime.analyze_batch(images) if images else []):
+        rows[i] = _record(chunk[i], a, k, dim)
+    return list(zip(chunk, rows))
+
+
 @dataclass(frozen=True)
 class ExtractSummary:
     total: int  # samples in the dataset
@@ -346,31 +382,21 @@ def extract(
     """Run the chain on every sample not yet in the store at `out`; resumable."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    m = runtime.bundle.manifest
-    meta = {
-        "bundle": runtime.bundle.name, "fingerprint": runtime.bundle.feature_fingerprint,
-        "backend": runtime.backend, "precision": runtime.precision, "perturbation": perturbation,
-        "max_objects": runtime.max_objects, "dim": int(m["clip"]["dim"]), "dataset": dataset,
-    }
+    meta = store_meta(runtime, perturbation, dataset)
     with FeatureStore(out, meta, shard_size=shard_size) as store:
-        todo = [s for s in samples if s.key not in store.done and s.key not in store.bad]
+        todo = store.todo(samples)
         skipped = len(samples) - len(todo)
         if progress and skipped:
             progress(f"features: {skipped} of {len(samples)} images already done or listed bad in {store.root}")
         bar = Progress("features", len(todo), progress)
-        k, dim, bad = runtime.max_objects, meta["dim"], 0
+        bad = 0
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
-            batch, images = [], []
-            for s in chunk:
-                try:
-                    img = load_image(s.path, runtime.image_limits)
-                    images.append(perturb(img, perturbation) if perturbation else img)
-                    batch.append(s)
-                except ImageError as e:
-                    store.add_bad(s, e)
+            for s, row in extract_chunk(runtime, chunk, perturbation):
+                if isinstance(row, ImageError):
+                    store.add_bad(s, row)
                     bad += 1
-            for s, a in zip(batch, runtime.analyze_batch(images) if images else []):
-                store.append(_record(s, a, k, dim))
+                else:
+                    store.append(row)
             bar.update(len(chunk), f"{bad} bad" if bad else "")
     return ExtractSummary(len(samples), bar.done - bad, skipped, bad, Path(out))

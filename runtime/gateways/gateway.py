@@ -21,7 +21,9 @@ import asyncio
 import hmac
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
@@ -42,9 +44,29 @@ def _image_status(e: ImageError) -> int:
     return 413 if isinstance(e, ImageTooLargeError) else 422
 
 
+async def local_engine(cfg: ServeConfig, metrics: Metrics) -> tuple[Runtime, Batcher]:
+    """What runs the images in `item serve`: a Runtime in this process behind the micro-batcher."""
+    # a batch is one pass; a /v1/detect/batch request of more images runs in passes of it
+    rt = await run_in_threadpool(Runtime, cfg.bundle, precision=cfg.precision, backend=cfg.backend,
+                                 threads=cfg.threads, max_batch=cfg.max_batch)
+    samples = sample_images()[:1]
+    if samples:  # warm: first runs allocate and plan
+        await run_in_threadpool(rt.detect, samples[0])
+    cache = rt.clip.cache
+    metrics.cache_hit_rate.set_function(lambda: cache.hits / max(1, cache.hits + cache.misses))
+    return rt, Batcher(rt, max_batch=cfg.max_batch, max_wait_s=cfg.max_wait_ms / 1e3,
+                       max_in_flight=cfg.max_in_flight, on_batch=metrics.on_batch)
+
+
+# Makes the (runtime, batcher) pair a Gateway answers with. Another host brings its own pair with
+# the same attributes and methods (ray_serve.py: the runtimes live in Ray Serve replicas).
+Engine = Callable[[ServeConfig, Metrics], Awaitable[tuple[Any, Any]]]
+
+
 class Gateway:
-    def __init__(self, cfg: ServeConfig):
+    def __init__(self, cfg: ServeConfig, engine: Engine = local_engine):
         self.cfg = cfg
+        self.engine = engine
         self.metrics = Metrics()
         self.budget = PixelBudget(cfg.decode_budget_pixels)
         self.limits = DEFAULT_LIMITS
@@ -73,19 +95,9 @@ class Gateway:
 
     async def start(self) -> None:
         """Load the bundle, warm it, start the batcher; /readyz then says ready."""
-        cfg = self.cfg
-        # a batch is one pass; a /v1/detect/batch request of more images runs in passes of it
-        rt = await run_in_threadpool(Runtime, cfg.bundle, precision=cfg.precision, backend=cfg.backend,
-                                     threads=cfg.threads, max_batch=cfg.max_batch)
-        samples = sample_images()[:1]
-        if samples:  # warm: first runs allocate and plan
-            await run_in_threadpool(rt.detect, samples[0])
-        batcher = Batcher(rt, max_batch=cfg.max_batch, max_wait_s=cfg.max_wait_ms / 1e3,
-                          max_in_flight=cfg.max_in_flight, on_batch=self.metrics.on_batch)
+        rt, batcher = await self.engine(self.cfg, self.metrics)
         self.metrics.in_flight.set_function(lambda: batcher.in_flight)
         self.metrics.queued.set_function(lambda: batcher.queued)
-        cache = rt.clip.cache
-        self.metrics.cache_hit_rate.set_function(lambda: cache.hits / max(1, cache.hits + cache.misses))
         self.runtime, self.batcher, self.ready = rt, batcher, True
         self.metrics.ready.set(1)
 
