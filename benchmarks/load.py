@@ -2,6 +2,12 @@
 concurrency level, with micro-batching on and off. It starts and stops its own servers.
 
     python -m itemrt.bench.load engines/tiny --concurrency 1 4 16 --requests 64
+    python -m itemrt.bench.load engines/tiny --engines local ray --ray-replicas 1 2
+
+With `--engines local ray` the same clients also load `item serve --engine ray` (a new Ray
+cluster on loopback for each configuration: the Detector replicas share this machine's cores,
+the ingress reserves none), and each Ray row gets its p50 minus the local row's at the same
+batching and callers: what Ray adds to a request.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +108,35 @@ def run_level(port: int, images: list[bytes], concurrency: int, requests: int) -
             "p99_ms": float(np.percentile(lat, 99)), "wall_s": wall}
 
 
+@dataclass(frozen=True)
+class Engine:
+    """One server configuration under load: its name in the table and its `item serve` flags."""
+
+    name: str
+    flags: tuple[str, ...] = ()
+
+
+def engines(names: list[str], ray_replicas: list[int]) -> list[Engine]:
+    out = []
+    cores = os.cpu_count() or 1
+    for name in names:
+        if name == "local":
+            out.append(Engine("local"))
+        else:  # the replicas split the cores; threads per replica follow their CPUs
+            out += [Engine(f"ray x{n}", ("--engine", "ray", "--replicas", str(n), "--num-cpus", f"{cores / n:g}",
+                                          "--ingress-num-cpus", "0")) for n in ray_replicas]
+    return out
+
+
+def overheads(rows: list[dict]) -> None:
+    """Each Ray row's p50 minus the local row's at the same batching and callers (in place)."""
+    local = {(r["max_batch"], r["concurrency"]): r for r in rows if r["engine"] == "local"}
+    for r in rows:
+        base = local.get((r["max_batch"], r["concurrency"]))
+        if r["engine"] != "local" and base is not None:
+            r["p50_overhead_ms"] = r["p50_ms"] - base["p50_ms"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m itemrt.bench.load", description=__doc__.splitlines()[0])
     p.add_argument("bundle")
@@ -109,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batching", type=int, nargs="+", default=[1, 8],
                    help="--max-batch values to compare (1: micro-batching off)")
     p.add_argument("--max-in-flight", type=int, default=64)
+    p.add_argument("--engines", nargs="+", choices=("local", "ray"), default=["local"],
+                   help="item serve (local) and/or item serve --engine ray, same clients")
+    p.add_argument("--ray-replicas", type=int, nargs="+", default=[1],
+                   help="Detector replicas of each Ray configuration (they split the cores)")
     p.add_argument("--images", nargs="+", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -118,23 +158,30 @@ def main(argv: list[str] | None = None) -> int:
         args.images = sample_images()
     images = [path.read_bytes() for path in args.images]
     rows = []
-    for max_batch in args.batching:
-        port = free_port()
-        print(f"[load] item serve --max-batch {max_batch} on 127.0.0.1:{port}", file=sys.stderr, flush=True)
-        proc = start_server(args.bundle, port, "--max-batch", str(max_batch), "--max-in-flight",
-                            str(args.max_in_flight))
-        try:
-            for c in args.concurrency:
-                row = {"max_batch": max_batch, **run_level(port, images, c, args.requests)}
-                rows.append(row)
-                print(f"[load]   concurrency {c}: {row['throughput_rps']:.2f} req/s", file=sys.stderr, flush=True)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=120)
-    print(f"{'max batch':>9} {'callers':>8} {'req/s':>8} {'p50 ms':>9} {'p99 ms':>9} {'ok':>5}  errors")
+    for engine in engines(args.engines, args.ray_replicas):
+        for max_batch in args.batching:
+            port = free_port()
+            print(f"[load] item serve ({engine.name}) --max-batch {max_batch} on 127.0.0.1:{port}", file=sys.stderr,
+                  flush=True)
+            t0 = time.monotonic()
+            proc = start_server(args.bundle, port, "--max-batch", str(max_batch), "--max-in-flight",
+                                str(args.max_in_flight), *engine.flags)
+            print(f"[load]   ready in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+            try:
+                for c in args.concurrency:
+                    row = {"engine": engine.name, "max_batch": max_batch, **run_level(port, images, c, args.requests)}
+                    rows.append(row)
+                    print(f"[load]   concurrency {c}: {row['throughput_rps']:.2f} req/s", file=sys.stderr, flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=180)
+    overheads(rows)
+    print(f"{'engine':>8} {'max batch':>9} {'callers':>8} {'req/s':>8} {'p50 ms':>9} {'p99 ms':>9} {'+p50 ms':>8} "
+          f"{'ok':>5}  errors")
     for r in rows:
-        print(f"{r['max_batch']:>9} {r['concurrency']:>8} {r['throughput_rps']:>8.2f} {r['p50_ms']:>9.1f} "
-              f"{r['p99_ms']:>9.1f} {r['ok']:>5}  {r['errors'] or '-'}")
+        extra = f"{r['p50_overhead_ms']:>8.1f}" if "p50_overhead_ms" in r else f"{'':>8}"
+        print(f"{r['engine']:>8} {r['max_batch']:>9} {r['concurrency']:>8} {r['throughput_rps']:>8.2f} "
+              f"{r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f} {extra} {r['ok']:>5}  {r['errors'] or '-'}")
     if args.json:
         meta = {"bundle": args.bundle, "cpu_count": os.cpu_count(), "command": " ".join(sys.argv)}
         args.json.write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")

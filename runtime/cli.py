@@ -564,7 +564,7 @@ def _serve_on_ray(args, cfg) -> int:
         _stderr(f"item serve: wrote {args.write_config}; deploy it with `serve deploy {args.write_config}`")
         return 0
     return serve_command(cfg, opts, cluster=cluster, host=args.host, port=args.port, name=args.app_name,
-                         detach=args.detach, emit=_stderr)
+                         detach=args.detach, log_level=args.log_level, emit=_stderr)
 
 
 def _watch(args) -> int:

@@ -225,6 +225,26 @@ def test_killing_a_replica_under_load_fails_no_request(cluster, ray_app, samples
     assert _retries(port) >= 1, f"{kills} kills and no image was in flight on its replica"
 
 
+def test_the_ingress_admits_images_as_item_serve_does():
+    """The gateway's bound on images in flight, kept by the ingress (Ray queues nothing in front
+    of it): past it QueueFull (429), and none once closing. Admission never touches Ray."""
+    from itemrt.errors import QueueFull
+    from itemrt.gateways.ray_serve import RemoteBatcher
+
+    b = RemoteBatcher(None, max_in_flight=3, retries=2)
+    with b.admit(2):
+        with pytest.raises(QueueFull, match="2 images in flight"):
+            with b.admit(2):
+                pass
+        with b.admit(1):
+            assert b.in_flight == 3
+    assert b.in_flight == 0
+    b.close(timeout_s=1)
+    with pytest.raises(QueueFull, match="shutting down"):
+        with b.admit(1):
+            pass
+
+
 def _hostile_inputs(jpg: bytes) -> dict[str, tuple]:
     """name -> (body, content type, path, extra headers): bad and hostile uploads of every kind."""
     body, h = _multipart([("images", jpg), ("images", b"not an image")])
@@ -265,6 +285,12 @@ def test_hostile_inputs_get_the_same_answers_as_item_serve(ray_app, item_serve, 
     for path in ("/healthz", "/readyz"):  # no token needed, as in item serve
         assert request(ray_app["port"], "GET", path)[0] == 200
     assert request(ray_app["port"], "GET", "/metrics")[0] == 401
+
+
+def test_the_lean_runtime_never_imports_ray():
+    code = ("import sys, itemrt, itemrt.cli, itemrt.gateways.server, itemrt.datasets.features, itemrt.ray_cluster; "
+            "itemrt.cli.build_parser(); sys.exit('ray' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120, check=False).returncode == 0
 
 
 def test_config_file_is_a_valid_serve_config(tiny_bundle, token_file, tmp_path):

@@ -15,7 +15,8 @@ another replica, at most `retries` times, when its replica dies mid-request (det
 idempotent). The connection-level parts of `item serve` (http.py: header deadline, lingering
 close) belong to the HTTP server, which here is Ray's proxy.
 
-Needs the `ray` extra; nothing outside this module and ray_features.py imports ray.
+Needs the `ray` extra. Only this module and datasets/ray_features.py import ray when imported;
+the lean runtime never does.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ from ray.serve.metrics import Histogram
 from starlette.applications import Starlette
 
 from ..errors import HTTPError, QueueFull
+from ..ray_cluster import Cluster
 from ..runtime import Runtime
 from ..samples import images as sample_images
-from ..ray_cluster import Cluster
 from .batcher import Places
 from .config import ServeConfig, read_token
 from .gateway import Gateway
@@ -386,7 +387,8 @@ def config_yaml(cfg: ServeConfig, opts: RayOptions, host: str, port: int, name: 
 
 
 def serve_command(cfg: ServeConfig, opts: RayOptions, *, cluster: Cluster, host: str, port: int,
-                  name: str = APP_NAME, detach: bool = False, emit: Callable[[str], None] = print) -> int:
+                  name: str = APP_NAME, detach: bool = False, log_level: str = "info",
+                  emit: Callable[[str], None] = print) -> int:
     """Deploy; unless detached, run until SIGTERM or Ctrl-C, then delete the app (Serve drains
     its replicas: every request it routed is answered) and stop a cluster this command started."""
     cluster = cluster.connect()
@@ -395,7 +397,15 @@ def serve_command(cfg: ServeConfig, opts: RayOptions, *, cluster: Cluster, host:
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build(cfg, opts), name=name, route_prefix="/", blocking=False)
+        # as under uvicorn: a line per request at info and below, none above
+        level = {"trace": "DEBUG"}.get(log_level.lower(), log_level.upper())
+        logging = {"log_level": level, "enable_access_log": level in ("DEBUG", "INFO")}
+        try:
+            serve.run(build(cfg, opts), name=name, route_prefix="/", blocking=False, logging_config=logging)
+        except RuntimeError as e:  # DEPLOY_FAILED: e.g. the bundle missing on a replica's node
+            emit(f"item serve: the Ray app did not start: {e}")
+            serve.delete(name)
+            return 1
         scale = (f"{opts.min_replicas}..{opts.max_replicas} replicas" if opts.min_replicas
                  else f"{opts.replicas} replica{'s' * (opts.replicas > 1)}")
         emit(f"item serve: Ray Serve app {name!r} ready at http://{host}:{port}/ "
