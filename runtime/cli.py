@@ -58,7 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="graphs to run (default: the bundle's; a variant only where its gate passed at export)")
     d.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help=BACKEND_HELP)
+    _provenance_arguments(d)
     d.set_defaults(func=_detect)
+
+    wd = sub.add_parser("words", help="which object words a caption yields, and why (docs/words.md)")
+    wd.add_argument("captions", nargs="+", metavar="CAPTION",
+                    help='a caption in quotes; "-" reads captions from stdin, one a line')
+    wd.add_argument("--bundle", help="use this bundle's vocabulary and cap (default: the shipped vocabulary, cap 4)")
+    wd.add_argument("--max-objects", type=COUNT, help="words a caption at most (default: the bundle's, else 4)")
+    wd.add_argument("--json", action="store_true", help="one JSON object a caption")
+    wd.set_defaults(func=_words)
 
     i = sub.add_parser("info", help="what a bundle holds and where it came from")
     i.add_argument("bundle")
@@ -125,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--once", action="store_true", help="stop when nothing new is left")
     w.add_argument("--precision", choices=PRECISIONS, default=None)
     w.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help=BACKEND_HELP)
+    _provenance_arguments(w)
     w.set_defaults(func=_watch)
 
     f = sub.add_parser("features", help="run the chain over a labelled dataset and store what the head learns from",
@@ -185,6 +195,18 @@ def _ray_arguments(p: argparse.ArgumentParser, unit: str) -> argparse._ArgumentG
     r.add_argument("--num-cpus", type=number(0), default=1.0, help=f"Ray CPUs per {unit}")
     r.add_argument("--num-gpus", type=number(0), default=0.0, help=f"GPUs per {unit}; a fraction shares one")
     return r
+
+
+def _provenance_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-anchors", type=Path, default=None, metavar="PEM",
+                   help="C2PA signers' root certificates to trust (default: none, so a valid manifest is "
+                        "reported untrusted; docs/provenance.md)")
+    p.add_argument("--no-provenance", dest="provenance", action="store_false",
+                   help="do not read what each file declares about its origin (C2PA, XMP, generators' marks)")
+
+
+def _provenance_options(args) -> dict:
+    return {"provenance": args.provenance, "trust_anchors": args.trust_anchors}
 
 
 def _name_bytes(err: UnicodeError) -> tuple[str, int]:
@@ -254,7 +276,7 @@ def _detect(args) -> int:
     failures, written = 0, set()
     step = args.batch_size
     with Runtime(args.bundle, threads=args.threads, precision=args.precision, backend=args.backend,
-                 max_batch=step) as rt:  # a batch is one pass
+                 max_batch=step, **_provenance_options(args)) as rt:  # a batch is one pass
         for start in range(0, len(paths), step):
             # decoded once, for the chain and the picture; a bad image is reported in its place
             loaded = [_load_for_detect(p, rt.image_limits) for p in paths[start : start + step]]
@@ -275,22 +297,22 @@ def _detect(args) -> int:
                     _print_result(path, r)
                 if args.explain:
                     target = _explain_target(args.explain, path, written)
-                    render(img, r).save(target)
+                    render(img.image, r).save(target)
                     if not args.json:
                         print(f"  explain: {target}")
     return 1 if failures else 0
 
 
 def _load_for_detect(path: Path, limits):
-    """(path, RGB image), or (path, the ImageError to report)."""
-    from .stages.images import load_image
+    """(path, LoadedImage: the RGB image and the file's bytes), or (path, the ImageError to report)."""
+    from .stages.images import read_image
 
     try:
         if str(path) == "-":
-            return path, load_image(sys.stdin.buffer, limits)
+            return path, read_image(sys.stdin.buffer, limits)
         if path.is_dir():  # a folder with no images in it
             raise UnsupportedImageError(f"{path} is a folder with no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        return path, load_image(path, limits)
+        return path, read_image(path, limits)
     except ImageError as err:
         return path, err
 
@@ -399,8 +421,16 @@ def _print_result(path: Path, r) -> None:
             print(f"  {o.word:>16}: box [{box}] score {o.score:.3f} distance {o.distance:.4f}")
         else:
             print(f"  {o.word:>16}: not found (no box labelled with it above threshold; best score {o.score:.3f})")
+    if r.provenance is not None:
+        print(f"  provenance: {r.provenance.summary}")
     stages = ", ".join(f"{k} {v:.1f}" for k, v in r.timings_ms.items())
     print(f"  ms: {stages}")
+
+
+def _words(args) -> int:
+    from .stages.words import words_command
+
+    return words_command(args)
 
 
 def _info(args) -> int:
@@ -574,7 +604,7 @@ def _watch(args) -> int:
     if not args.bundle:
         print("item watch: give --bundle or set ITEM_BUNDLE", file=sys.stderr)
         return 2
-    with Runtime(args.bundle, precision=args.precision, backend=args.backend) as rt:
+    with Runtime(args.bundle, precision=args.precision, backend=args.backend, **_provenance_options(args)) as rt:
         w = Watcher(rt, args.folder, args.out, quarantine=args.quarantine, recursive=args.recursive,
                     interval_s=args.interval, settle_s=args.settle, follow_links=args.follow_links,
                     progress=lambda msg: print(msg, flush=True))
@@ -590,7 +620,7 @@ def _demo(args) -> int:
     from .bundle import Bundle
     from .runtime import Runtime
     from .stages.explain import render
-    from .stages.images import load_image
+    from .stages.images import read_image
 
     bundle = Path(args.bundle)
     try:
@@ -607,10 +637,10 @@ def _demo(args) -> int:
     print(f"\nthe {len(paths)} sample images in {paths[0].parent}:" if paths else "\nno sample images shipped")
     with Runtime(bundle) as rt:
         for path in paths:
-            img = load_image(path, rt.image_limits)  # decoded once, for the chain and the picture
+            img = read_image(path, rt.image_limits)  # decoded once, for the chain and the picture
             r = rt.detect(img)
             target = _explain_target(args.explain_dir, path, written)
-            render(img, r).save(target)
+            render(img.image, r).save(target)
             print()
             for line in _demo_table(path.name, r, target):
                 print(line)
@@ -641,6 +671,10 @@ def _demo_table(name: str, r, explain: Path) -> list[str]:
         lines.append((label("objects") if i == 0 else pad) + f"{word:<{w}}  {found:<9}  {distance:>8}  {box}")
     if not r.objects:
         lines.append(label("objects") + "none: no object word in the caption")
+    if r.provenance is not None:
+        lines += [(label("provenance") if i == 0 else pad) + text
+                  for i, text in enumerate(textwrap.wrap(r.provenance.summary, width - len(pad), max_lines=2,
+                                                         placeholder=" ..."))]
     lines.append(label("explain") + str(explain))
     return lines
 

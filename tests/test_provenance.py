@@ -478,3 +478,23 @@ def test_the_runtime_reports_provenance_beside_an_unchanged_verdict(runtime, tin
     assert trusted.provenance.c2pa.state == "trusted"
     for r in (*got.values(), pixels, trusted):  # evidence beside the verdict, never an input to it
         assert (r.p_fake, r.label, r.caption_tokens) == (plain.p_fake, plain.label, plain.caption_tokens)
+
+
+def test_item_detect_prints_and_writes_the_section(tiny_bundle, signed, creds, tmp_path, capsys):
+    import json
+
+    from itemrt.cli import main as item
+
+    path = tmp_path / "signed.jpg"
+    path.write_bytes(signed["jpeg"])
+    anchors = tmp_path / "root.pem"
+    anchors.write_bytes(creds.root_pem)
+    assert item(["detect", str(path), "--bundle", str(tiny_bundle), "--json"]) == 0
+    section = json.loads(capsys.readouterr().out)["provenance"]
+    assert section["declared_ai"] is True and section["c2pa"]["state"] == "untrusted"
+    assert section["basis"]["value"] == "trainedAlgorithmicMedia"
+    assert item(["detect", str(path), "--bundle", str(tiny_bundle), "--trust-anchors", str(anchors)]) == 0
+    assert "  provenance: declares AI-generated: C2PA, signed by 'ITEM-RT test signer' (ITEM-RT tests), issuer trusted" \
+        in capsys.readouterr().out
+    assert item(["detect", str(path), "--bundle", str(tiny_bundle), "--json", "--no-provenance"]) == 0
+    assert json.loads(capsys.readouterr().out)["provenance"] is None

@@ -347,3 +347,13 @@ def test_words_command(capsys, monkeypatch):
     assert words_command(args) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["words"] == ["cat"] and doc["max_objects"] == 1 and doc["hits"][0]["blocked"].startswith("colour")
+
+
+def test_item_words_is_wired_into_the_command_line(capsys):
+    import json
+
+    from itemrt.cli import main as item
+
+    assert item(["words", "a picture of an orange cat on a glass table", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["words"] == ["cat", "table"]

@@ -1,4 +1,5 @@
-"""`--explain`: the image with each found word's box, score and distance, and the verdict."""
+"""`--explain`: the image with each found word's box, score and distance, the verdict, and
+what the file declares about its origin (a line of its own: evidence beside the verdict)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def render(img: Image.Image, r: DetectionResult) -> Image.Image:
     canvas = img.resize((round(w * scale), round(h * scale))) if scale > 1 else img.copy()
     fs = max(12, round(max(canvas.size) / 45))
     font, small = _font(fs), _font(max(10, fs * 3 // 4))
-    banner = fs * 3 + 12
+    lines = 4 if r.provenance is not None else 3
+    banner = fs * lines + 4 * lines
     out = Image.new("RGB", (canvas.width, canvas.height + banner), (255, 255, 255))
     out.paste(canvas, (0, banner))
     d = ImageDraw.Draw(out)
@@ -35,6 +37,9 @@ def render(img: Image.Image, r: DetectionResult) -> Image.Image:
     missing = [o.word for o in r.objects if not o.found]
     if missing:
         d.text((6, 12 + 2 * fs), "not found: " + ", ".join(missing), fill=(90, 90, 90), font=small)
+    if r.provenance is not None:
+        declared = {True: (160, 0, 160), False: (0, 90, 160)}.get(r.provenance.declared_ai, (90, 90, 90))
+        d.text((6, 16 + 3 * fs), "provenance: " + r.provenance.summary, fill=declared, font=small)
 
     for i, o in enumerate(x for x in r.objects if x.found):
         color = _COLORS[i % len(_COLORS)]
