@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--header-timeout-s", type=SECONDS, default=20.0,
                    help="to receive a request's line and headers; beyond: 408 and the connection closed")
     s.add_argument("--log-level", default="info")
+    _provenance_arguments(s)
     s.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local: this process, under uvicorn; ray: Ray Serve replicas (the [ray] extra; docs/ray.md)")
     r = _ray_arguments(s, "Detector replica")
@@ -558,6 +559,7 @@ def _serve(args) -> int:
         max_upload_bytes=int(args.max_upload_mb * 2**20), max_uploads=args.max_uploads,
         upload_timeout_s=args.upload_timeout_s, header_timeout_s=args.header_timeout_s,
         decode_budget_pixels=int(args.decode_budget_mp * 1e6), token=read_token(args.token_file),
+        provenance=args.provenance, trust_anchors=str(args.trust_anchors) if args.trust_anchors else None,
     )
     if args.engine == "ray":
         return _serve_on_ray(args, cfg)

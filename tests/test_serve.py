@@ -611,3 +611,18 @@ def test_a_bad_bundle_or_token_file_is_a_one_line_error(tiny_bundle, tmp_path):
         r = subprocess.run([sys.executable, "-m", "itemrt.cli", "serve", *map(str, args), "--port", str(free_port())],
                            capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_answers_carry_what_the_upload_declares(server, runtime):
+    """The provenance section reaches the client, read from the uploaded bytes as Runtime reads
+    them from a file (item serve decodes ahead, for its budget, and keeps the bytes)."""
+    from itemrt.bench.provenance_inputs import generator_pngs
+
+    png = generator_pngs()["AUTOMATIC1111"]
+    status, r = _post(server, png, "image/png")
+    assert status == 200
+    p = r["provenance"]
+    assert p["declared_ai"] is True and p["basis"]["generator"] == "AUTOMATIC1111" and p["basis"]["prompt"] is None
+    assert p == json.loads(json.dumps(runtime.detect(png).to_dict()["provenance"]))
+    status, r = _post(server, _encode(_photo(), "JPEG"))
+    assert status == 200 and r["provenance"]["declared_ai"] is None and r["provenance"]["read"] is True

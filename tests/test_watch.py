@@ -63,14 +63,23 @@ def test_each_file_once_across_restarts(runtime, samples, tmp_path):
 
 
 def test_watch_command(tiny_bundle, samples, tmp_path):
+    from itemrt.bench.provenance_inputs import generator_pngs
+
     cam, out = tmp_path / "cam", tmp_path / "r.jsonl"
     cam.mkdir()
     shutil.copy(samples[0], cam / "a.jpg")
+    (cam / "b.png").write_bytes(generator_pngs()["ComfyUI"])
     cmd = [sys.executable, "-m", "itemrt.cli", "watch", str(cam), "--bundle", str(tiny_bundle), "--out", str(out),
            "--once", "--interval", "0.05", "--settle", "0"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "a.jpg:" in r.stdout and len(_lines(out)) == 1
+    assert "a.jpg:" in r.stdout and "b.png:" in r.stdout
+    records = {Path(x["path"]).name: x for x in _lines(out)}
+    assert records.keys() == {"a.jpg", "b.png"}
+    # each record carries what its file declares: the generator's PNG chunks, or nothing
+    assert records["b.png"]["provenance"]["declared_ai"] is True
+    assert records["b.png"]["provenance"]["basis"]["generator"] == "ComfyUI"
+    assert records["a.jpg"]["provenance"]["declared_ai"] is None
 
 
 def test_vanished_files_are_skipped_and_reused_names_kept_apart(runtime, tmp_path):

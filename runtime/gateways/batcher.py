@@ -36,7 +36,7 @@ class Places:
 
 @dataclass
 class Job:
-    images: list[Image.Image]
+    images: list[ImageInput]
     places: int = 0  # given back by the worker when it is done with the job
     future: Future = field(default_factory=Future)
 
@@ -75,7 +75,7 @@ class Batcher:
             if not places.handed_over:
                 self._release(n)
 
-    def submit(self, images: list[Image.Image], places: Places | None = None) -> Future:
+    def submit(self, images: list[ImageInput], places: Places | None = None) -> Future:
         job = Job(images)
         if places is not None:
             job.places, places.handed_over = places.n, True

@@ -34,6 +34,13 @@ class ServeConfig:
     decode_budget_pixels: int = 2 * DEFAULT_LIMITS.max_pixels
     token: str | None = None  # bearer token for everything but /healthz and /readyz
     retry_after_s: int = 1
+    provenance: bool = True  # read what each upload declares about its origin (C2PA, XMP, ...)
+    trust_anchors: str | None = None  # PEM file of C2PA signers' roots to trust (none: "untrusted")
+
+    def runtime_options(self) -> dict:
+        """Runtime's keyword arguments, the same for every host (item serve, a Ray replica)."""
+        return {"precision": self.precision, "backend": self.backend, "threads": self.threads,
+                "max_batch": self.max_batch, "provenance": self.provenance, "trust_anchors": self.trust_anchors}
 
 
 def read_token(token_file: str | None, env: str = "ITEM_SERVE_TOKEN") -> str | None:

@@ -33,7 +33,7 @@ from starlette.routing import Route
 from ..errors import HTTPError, ImageError, ImageTooLargeError, ItemError, QueueFull
 from ..runtime import Runtime
 from ..samples import images as sample_images
-from ..stages.images import DEFAULT_LIMITS, load_image
+from ..stages.images import DEFAULT_LIMITS, read_image
 from .batcher import Batcher
 from .budget import PixelBudget
 from .config import ServeConfig
@@ -47,8 +47,7 @@ def _image_status(e: ImageError) -> int:
 async def local_engine(cfg: ServeConfig, metrics: Metrics) -> tuple[Runtime, Batcher]:
     """What runs the images in `item serve`: a Runtime in this process behind the micro-batcher."""
     # a batch is one pass; a /v1/detect/batch request of more images runs in passes of it
-    rt = await run_in_threadpool(Runtime, cfg.bundle, precision=cfg.precision, backend=cfg.backend,
-                                 threads=cfg.threads, max_batch=cfg.max_batch)
+    rt = await run_in_threadpool(Runtime, cfg.bundle, **cfg.runtime_options())
     samples = sample_images()[:1]
     if samples:  # warm: first runs allocate and plan
         await run_in_threadpool(rt.detect, samples[0])
@@ -214,7 +213,7 @@ class Gateway:
         images = []
         for i, b in enumerate(blobs):
             try:
-                images.append(load_image(b, self.limits, self.budget.hold))
+                images.append(read_image(b, self.limits, self.budget.hold))  # bytes kept: provenance
             except ImageError as e:
                 where = f"image {i}: " if len(blobs) > 1 else ""
                 raise HTTPError(_image_status(e), e.code, f"{where}{e}") from None

@@ -125,6 +125,8 @@ def parse_args(args: dict) -> tuple[ServeConfig, RayOptions]:
     cfg, opts = ServeConfig(**_take(ServeConfig, args)), RayOptions(**_take(RayOptions, args))
     if Path(cfg.bundle).exists():  # replicas do not run in this folder: give them the absolute path
         cfg = replace(cfg, bundle=str(Path(cfg.bundle).resolve()))
+    if cfg.trust_anchors and Path(cfg.trust_anchors).exists():
+        cfg = replace(cfg, trust_anchors=str(Path(cfg.trust_anchors).resolve()))
     if opts.token_file and Path(opts.token_file).exists():
         opts = replace(opts, token_file=str(Path(opts.token_file).resolve()))
     return cfg, opts
@@ -152,8 +154,7 @@ class Detector:
     max_batch, after at most max_wait_ms) run as one detect_batch."""
 
     def __init__(self, cfg: ServeConfig, opts: RayOptions):
-        self.runtime = Runtime(cfg.bundle, precision=cfg.precision, backend=cfg.backend,
-                               threads=cfg.threads or opts.threads, max_batch=cfg.max_batch)
+        self.runtime = Runtime(cfg.bundle, **{**cfg.runtime_options(), "threads": cfg.threads or opts.threads})
         samples = sample_images()[:1]
         if samples:  # warm: first runs allocate and plan
             self.runtime.detect(samples[0])
@@ -356,7 +357,9 @@ def build(cfg: ServeConfig, opts: RayOptions) -> serve.Application:
         scale = {"num_replicas": opts.replicas}
     detector = Detector.options(
         **scale, ray_actor_options={"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus},
-        max_ongoing_requests=2 * cfg.max_batch,  # one batch running, the next one gathering
+        # Room for every image the ingresses admit: they wait in the replica's batch queue, where
+        # the next pass takes them, not in a router that polls full replicas with backoff.
+        max_ongoing_requests=max(2 * cfg.max_batch, cfg.max_in_flight * opts.ingress_replicas),
         graceful_shutdown_timeout_s=cfg.timeout_s + 5, max_constructor_retry_count=3,
     ).bind(cfg, opts)
     # The gateway's own limits answer first (429 with its JSON): Ray queues nothing in front of them.
