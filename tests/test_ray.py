@@ -94,10 +94,7 @@ def _differences(answer: dict, expected: dict) -> dict:
     """Fields where an HTTP answer and Runtime.detect's result differ: (answer's, result's)."""
     # `bundle`: the gateway answers with the bundle's details, the result has its name
     got, want = (json.loads(json.dumps(d)) for d in (answer, expected))
-    # `provenance`: read from the file; how the gateway hands its upload over is item serve's
-    # business, and the hostile-input test compares that with item serve's answers
-    skip = ("timings_ms", "bundle", "provenance")
-    return {k: (got.get(k), v) for k, v in want.items() if k not in skip and got.get(k) != v}
+    return {k: (got.get(k), v) for k, v in want.items() if k not in ("timings_ms", "bundle") and got.get(k) != v}
 
 
 def _ray_metrics(cluster, want: str, timeout_s: float = 30.0) -> str:
@@ -140,8 +137,8 @@ def test_concurrent_answers_equal_runtime_detect_in_batches(cluster, ray_app, ru
     images from different requests shared a pass, and both replicas ran; Ray's metrics and the
     per-stage latencies are exported."""
     port = ray_app["port"]
-    expected = [runtime.detect(p).to_dict() for p in samples]
     blobs = [p.read_bytes() for p in samples]
+    expected = [runtime.detect(b).to_dict() for b in blobs]  # provenance too: read from the bytes sent
     answers, lock = [], threading.Lock()
 
     def client(i: int):
@@ -366,6 +363,13 @@ def test_features_on_ray_equal_a_single_machine_run(cluster, dataset, tiny_bundl
     for k, col in local.columns.items():
         assert on_ray.columns[k].dtype == col.dtype and np.array_equal(on_ray.columns[k], col, equal_nan=col.dtype.kind == "f"), k
     assert on_ray.bad == local.bad and [b["key"] for b in on_ray.bad] == ["train/fake/gan/broken.png"]
+
+
+def test_a_bad_bundle_on_the_cluster_is_a_one_line_error(cluster, dataset, tmp_path, capsys):
+    rc = item(["features", str(dataset), "--bundle", str(tmp_path / "no-bundle"), "--out", str(tmp_path / "out"),
+               "--engine", "ray", "--address", cluster["address"], "--num-cpus", "0.25"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "BundleNotFoundError: no bundle at" in err and "Traceback" not in err, err[-2000:]
 
 
 def test_a_killed_ray_job_resumes_without_redoing_finished_images(cluster, tiny_bundle, tmp_path, capsys):
