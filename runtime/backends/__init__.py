@@ -16,10 +16,12 @@ from ..errors import BundleVersionError
 from .base import Session
 from .openvino import OvSession
 from .ort import OrtSession, SessionOptions, ort_providers
+from .ort_cuda import HANDOFFS, Device, OrtDeviceSession, ort_cuda_major, preload_cuda_libraries
 from .tensorrt import TrtSession, device_info, import_tensorrt
-from .trt_plan import PLANS_DIR, rebuild_command, select_plans
+from .trt_plan import ENGINE_COMPONENTS, PLANS_DIR, rebuild_command, select_plans
 
 CPU_ONLY = ("bf16", "mixed")  # OpenVINO's BF16 on AMX / AVX512-BF16 CPUs
+GRAPHS = (*ENGINE_COMPONENTS, "head")  # every graph a Runtime opens
 
 
 def open_cpu(path: Path, name: str, precision: str, options: SessionOptions | None = None) -> Session:
@@ -35,6 +37,7 @@ class Backend:
     default); `self.precision` is what it settled on, `self.max_batch` a cap it imposes (or None)."""
 
     gpu = False
+    engine = "ONNX Runtime, CPU"  # what runs each graph (engine_for)
 
     def __init__(self, name: str, bundle: Bundle, precision: str | None, threads: int = 0,
                  profile_prefix: str | None = None):
@@ -45,7 +48,23 @@ class Backend:
         self.options = SessionOptions(threads=threads, profile_prefix=profile_prefix, providers=self.providers())
 
     def default_precision(self) -> str:
-        return self.bundle.default_precision
+        return self.preferred(self.bundle)
+
+    @classmethod
+    def preferred(cls, bundle: Bundle) -> str:
+        """The precision this backend runs `bundle` in when the caller names none."""
+        return bundle.default_precision
+
+    @classmethod
+    def engine_for(cls, graph: str, precision: str) -> str:
+        return cls.engine
+
+    @classmethod
+    def plan(cls, bundle: Bundle, precision: str | None = None) -> dict[str, tuple[str, str]]:
+        """graph -> (the precision it would run in, what would run it), opening nothing and
+        checking nothing about this machine: what `item doctor` shows for each backend."""
+        asked = precision or cls.preferred(bundle)
+        return {g: (p, cls.engine_for(g, p)) for g in GRAPHS for p in [bundle.component_path(g, asked)[1]]}
 
     def providers(self) -> tuple:
         return ort_providers("onnxruntime")
@@ -72,18 +91,49 @@ class Backend:
 class CpuBackend(Backend):
     """ONNX Runtime on the CPU; BF16 graphs on OpenVINO."""
 
+    @classmethod
+    def engine_for(cls, graph: str, precision: str) -> str:
+        return "OpenVINO, CPU" if precision == "bf16" else cls.engine
+
 
 class OrtGpuBackend(Backend):
     """ONNX Runtime's CUDA or TensorRT execution provider; the TensorRT one caches its engines
     in the bundle."""
 
     gpu = True
+    engine = "ONNX Runtime, TensorRT EP"
 
-    def default_precision(self) -> str:
-        return "fp16" if "fp16" in self.bundle.precisions() else "fp32"
+    @classmethod
+    def preferred(cls, bundle: Bundle) -> str:
+        return "fp16" if "fp16" in bundle.precisions() else "fp32"
 
     def providers(self) -> tuple:
         return ort_providers(self.name, self.bundle.root / PLANS_DIR / "ort-cache")
+
+
+class OrtCudaBackend(OrtGpuBackend):
+    """ONNX Runtime's CUDA provider with the data on the device (`ort_cuda.OrtDeviceSession`):
+    I/O binding, what one graph hands the next left on the GPU, the decoder's cache in device
+    buffers and its steps as CUDA graphs. `device` is a class attribute so the same backend
+    runs on the CPU provider (`Device("cpu")`: how the tests exercise it without a GPU)."""
+
+    device = Device("cuda")
+    engine = "ONNX Runtime, CUDA EP"
+
+    def providers(self) -> tuple:
+        if self.device.kind == "cuda":
+            ort_providers(self.name)  # fails with the package to install when there is no CUDA EP
+            if (major := ort_cuda_major()) is not None:
+                preload_cuda_libraries(major)  # pip's CUDA libraries, where the loader would not look
+        return self.device.providers()
+
+    def open(self, graph: str) -> tuple[Session, str]:
+        path, precision = self.bundle.component_path(graph, self.precision)
+        options = replace(self.options, optimization=self.options.optimization_for(precision))
+        steps = int(self.bundle.manifest["captioner"]["decoding"]["max_new_tokens"])
+        session = OrtDeviceSession(path, graph, options, self.device, keep=HANDOFFS.get(graph, ()),
+                                   capture=graph == "captioner_decoder", max_steps=steps)
+        return session, precision
 
 
 class TensorrtBackend(Backend):
@@ -100,6 +150,18 @@ class TensorrtBackend(Backend):
 
     def default_precision(self) -> str:
         return self.build["precision"]
+
+    @classmethod
+    def preferred(cls, bundle: Bundle) -> str:
+        """A build's precision where the manifest has one; else what `item build` makes by default."""
+        builds = bundle.manifest.get("tensorrt") or {}
+        if builds:
+            return next(iter(builds.values()))["precision"]
+        return OrtGpuBackend.preferred(bundle)
+
+    @classmethod
+    def engine_for(cls, graph: str, precision: str) -> str:
+        return "TensorRT plan" if graph in ENGINE_COMPONENTS else CpuBackend.engine
 
     def open(self, graph: str) -> tuple[Session, str]:
         rec = self.build["plans"].get(graph)
@@ -125,7 +187,7 @@ class TensorrtBackend(Backend):
 
 BACKENDS: dict[str, type[Backend]] = {
     "onnxruntime": CpuBackend,
-    "ort-cuda": OrtGpuBackend,
+    "ort-cuda": OrtCudaBackend,
     "ort-tensorrt": OrtGpuBackend,
     "tensorrt": TensorrtBackend,
 }
