@@ -382,9 +382,7 @@ def _features(args) -> int:
         except KeyboardInterrupt:
             _stderr(f"item features: interrupted; finished images are kept in {args.out}, rerun to resume")
             return 130
-    bad = f" (listed in {args.out / 'bad.jsonl'})" if s.bad else ""
-    _stderr(f"item features: {s.extracted} images extracted, {s.skipped} already done, {s.bad} unreadable{bad}; "
-            f"store {args.out}")
+    _features_done(s, args.out)
     return 0
 
 
@@ -406,10 +404,14 @@ def _features_on_ray(args, samples) -> int:
     except KeyboardInterrupt:
         _stderr(f"item features: interrupted; finished images are kept in {args.out}, rerun to resume")
         return 130
-    bad = f" (listed in {args.out / 'bad.jsonl'})" if s.bad else ""
-    _stderr(f"item features: {s.extracted} images extracted, {s.skipped} already done, {s.bad} unreadable{bad}; "
-            f"store {args.out} (on Ray)")
+    _features_done(s, args.out, " (on Ray)")
     return 0
+
+
+def _features_done(s, out: Path, where: str = "") -> None:
+    bad = f" (listed in {out / 'bad.jsonl'})" if s.bad else ""
+    _stderr(f"item features: {s.extracted} images extracted, {s.skipped} already done, {s.bad} unreadable{bad}; "
+            f"store {out}{where}")
 
 
 def _print_result(path: Path, r) -> None:

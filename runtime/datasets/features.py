@@ -209,9 +209,13 @@ class FeatureStore:
         if self._pending >= self.shard_size:
             self.compact()
 
-    def todo(self, samples: list[Sample]) -> list[Sample]:
+    def todo(self, samples: list[Sample], progress: Callable[[str], None] | None = None) -> list[Sample]:
         """The samples neither finished nor listed bad: what a (resumed) run still does."""
-        return [s for s in samples if s.key not in self.done and s.key not in self.bad]
+        todo = [s for s in samples if s.key not in self.done and s.key not in self.bad]
+        if progress and len(todo) < len(samples):
+            progress(f"features: {len(samples) - len(todo)} of {len(samples)} images already done or listed bad "
+                     f"in {self.root}")
+        return todo
 
     def add_bad(self, s: Sample, err: Exception) -> None:
         line = json.dumps({"key": s.key, "path": str(s.path), "error": getattr(err, "code", type(err).__name__),
@@ -384,10 +388,8 @@ def extract(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     meta = store_meta(runtime, perturbation, dataset)
     with FeatureStore(out, meta, shard_size=shard_size) as store:
-        todo = store.todo(samples)
+        todo = store.todo(samples, progress)
         skipped = len(samples) - len(todo)
-        if progress and skipped:
-            progress(f"features: {skipped} of {len(samples)} images already done or listed bad in {store.root}")
         bar = Progress("features", len(todo), progress)
         bad = 0
         for start in range(0, len(todo), batch_size):

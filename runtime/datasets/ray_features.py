@@ -136,10 +136,8 @@ def extract_on_ray(
     meta = ray.get(_describe.options(**options.resources).remote(settings, dataset))
     bad = 0
     with FeatureStore(out, meta, shard_size=shard_size) as store:
-        todo = store.todo(samples)
+        todo = store.todo(samples, progress)
         skipped = len(samples) - len(todo)
-        if progress and skipped:
-            progress(f"features: {skipped} of {len(samples)} images already done or listed bad in {store.root}")
         bar = Progress("features", len(todo), progress)
         size = settings.batch_size
         rows = [{"first": i, "samples": json.dumps([_row(s) for s in todo[i : i + size]])}

@@ -41,21 +41,19 @@ class Job:
     future: Future = field(default_factory=Future)
 
 
-class Batcher:
-    def __init__(self, runtime, *, max_batch: int = 4, max_wait_s: float = 0.01, max_in_flight: int = 32,
-                 on_batch=None):
-        if max_batch < 1 or max_in_flight < 1:
-            raise ValueError("max_batch and max_in_flight must be at least 1")
-        self.runtime, self.max_batch, self.max_wait_s = runtime, max_batch, max_wait_s
+class Admission:
+    """The bound on images in flight at one gateway, whatever runs them (this process's
+    Batcher, or Ray Serve replicas): `admit` or QueueFull, places handed to a job, and a close
+    that refuses new requests and waits for the admitted ones."""
+
+    def __init__(self, max_in_flight: int):
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
         self.max_in_flight = max_in_flight
-        self.on_batch = on_batch  # called with (batch size, results) after each batch
-        self._q: queue.Queue[Job | None] = queue.Queue()
-        self._lock = threading.Condition()
+        self._lock = threading.Condition()  # close() waits on it from a thread
         self.in_flight = 0
-        self.queued = 0  # images submitted and not yet taken into a batch (the queue depth)
+        self.queued = 0  # images admitted and not yet taken into a batch (the queue depth)
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="itemrt-batcher", daemon=True)
-        self._thread.start()
 
     @contextmanager
     def admit(self, n: int = 1):
@@ -75,6 +73,29 @@ class Batcher:
             if not places.handed_over:
                 self._release(n)
 
+    def _release(self, n: int) -> None:
+        with self._lock:
+            self.in_flight -= n
+            self._lock.notify_all()
+
+    def _drain(self, timeout_s: float | None) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.wait_for(lambda: self.in_flight == 0, timeout_s)
+
+
+class Batcher(Admission):
+    def __init__(self, runtime, *, max_batch: int = 4, max_wait_s: float = 0.01, max_in_flight: int = 32,
+                 on_batch=None):
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        super().__init__(max_in_flight)
+        self.runtime, self.max_batch, self.max_wait_s = runtime, max_batch, max_wait_s
+        self.on_batch = on_batch  # called with (batch size, results) after each batch
+        self._q: queue.Queue[Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="itemrt-batcher", daemon=True)
+        self._thread.start()
+
     def submit(self, images: list[ImageInput], places: Places | None = None) -> Future:
         job = Job(images)
         if places is not None:
@@ -84,16 +105,9 @@ class Batcher:
         self._q.put(job)
         return job.future
 
-    def _release(self, n: int) -> None:
-        with self._lock:
-            self.in_flight -= n
-            self._lock.notify_all()
-
     def close(self, timeout_s: float | None = None) -> None:
         """Refuse new requests, wait for every admitted one to be answered, then stop."""
-        with self._lock:
-            self._closed = True
-            self._lock.wait_for(lambda: self.in_flight == 0, timeout_s)
+        self._drain(timeout_s)
         self._q.put(None)
         self._thread.join()
 

@@ -28,8 +28,8 @@ import sys
 import threading
 import typing
 from collections.abc import Callable
-from contextlib import asynccontextmanager, contextmanager
-from dataclasses import asdict, dataclass, fields, is_dataclass, replace
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import ray
@@ -41,11 +41,12 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Histogram
 from starlette.applications import Starlette
 
-from ..errors import HTTPError, QueueFull
+from ..errors import HTTPError
 from ..ray_cluster import Cluster
 from ..runtime import Runtime
 from ..samples import images as sample_images
-from .batcher import Places
+from ..stages.images import LoadedImage
+from .batcher import Admission, Places
 from .config import ServeConfig, read_token
 from .gateway import Gateway
 from .metrics import STAGE_BUCKETS, Metrics
@@ -217,33 +218,15 @@ class RemoteRuntime:
         pass
 
 
-class RemoteBatcher:
+class RemoteBatcher(Admission):
     """The part of batcher.Batcher that the gateway calls (admit, submit, close, in_flight,
     queued), for runtimes in Detector replicas. Admission is the same bound on images in flight
     at this ingress (decoding, sent, waiting); batching is Ray Serve's, in the replicas."""
 
     def __init__(self, handle: DeploymentHandle, *, max_in_flight: int, retries: int,
                  on_retry: Callable[[], None] = lambda: None):
-        self.handle, self.max_in_flight, self.retries, self.on_retry = handle, max_in_flight, retries, on_retry
-        self._lock = threading.Condition()  # close() waits on it from a thread
-        self.in_flight = 0
-        self.queued = 0  # images sent to the replicas and not yet answered
-        self._closed = False
-
-    @contextmanager
-    def admit(self, n: int = 1):
-        with self._lock:
-            if self._closed:
-                raise QueueFull("the server is shutting down")
-            if self.in_flight + n > self.max_in_flight:
-                raise QueueFull(f"{self.in_flight} images in flight (limit {self.max_in_flight})")
-            self.in_flight += n
-        places = Places(n)
-        try:
-            yield places
-        finally:
-            if not places.handed_over:
-                self._release(n)
+        super().__init__(max_in_flight)  # queued: images sent to the replicas and not yet answered
+        self.handle, self.retries, self.on_retry = handle, retries, on_retry
 
     def submit(self, images: list, places: Places | None = None) -> asyncio.Task:
         """On the event loop: an awaitable of the images' results, in order. The places come back
@@ -286,16 +269,9 @@ class RemoteBatcher:
                         f"the image's replica was lost {self.retries + 1} times ({type(err).__name__})",
                         {"Retry-After": "1"})
 
-    def _release(self, n: int) -> None:
-        with self._lock:
-            self.in_flight -= n
-            self._lock.notify_all()
-
     def close(self, timeout_s: float | None = None) -> None:
         """Refuse new requests; wait for every admitted one to be answered."""
-        with self._lock:
-            self._closed = True
-            self._lock.wait_for(lambda: self.in_flight == 0, timeout_s)
+        self._drain(timeout_s)
 
 
 def _portable(image):
@@ -303,7 +279,7 @@ def _portable(image):
     does not, a plain one does; pixels that travel with their file's bytes keep the bytes."""
     if isinstance(image, Image.Image):
         return image if type(image) is Image.Image else image.copy()
-    if is_dataclass(image) and isinstance(getattr(image, "image", None), Image.Image):
+    if isinstance(image, LoadedImage):
         return replace(image, image=_portable(image.image))
     return image
 
