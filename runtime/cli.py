@@ -1,4 +1,4 @@
-"""The `item` command: export, build, detect, info, serve, watch, features, train, calibrate, eval, demo."""
+"""The `item` command: export, build, detect, info, serve, watch, features, train, calibrate, eval, demo, doctor."""
 
 from __future__ import annotations
 
@@ -184,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--bundle", default="engines/demo")
     m.add_argument("--explain-dir", type=Path, default=Path("engines/demo-explain"))
     m.set_defaults(func=_demo)
+
+    from . import doctor
+
+    dr = sub.add_parser("doctor", help="what this machine can run and why not: CPU features, ONNX Runtime, CUDA, "
+                                       "cuDNN, TensorRT, JetPack; with a bundle, each graph's precision per backend")
+    doctor.add_arguments(dr)
+    dr.set_defaults(func=doctor.run)
 
     return p
 

@@ -141,6 +141,7 @@ class TensorrtBackend(Backend):
     (the head) runs on ONNX Runtime on the CPU."""
 
     gpu = True
+    engine = "TensorRT plan"
 
     def __init__(self, name: str, bundle: Bundle, precision: str | None, threads: int = 0,
                  profile_prefix: str | None = None):
@@ -161,7 +162,7 @@ class TensorrtBackend(Backend):
 
     @classmethod
     def engine_for(cls, graph: str, precision: str) -> str:
-        return "TensorRT plan" if graph in ENGINE_COMPONENTS else CpuBackend.engine
+        return cls.engine if graph in ENGINE_COMPONENTS else CpuBackend.engine
 
     def open(self, graph: str) -> tuple[Session, str]:
         rec = self.build["plans"].get(graph)
