@@ -42,6 +42,8 @@ BACKENDS = {
     "reference": ("reference", "fp32", "cpu"),
     "reference-cuda": ("reference", "fp32", "cuda"),
     "reference-cuda-fp16": ("reference", "fp16", "cuda"),
+    # torch.compile'd FP16 on CUDA: the fastest thing a PyTorch user would otherwise deploy
+    "reference-compile": ("reference-compile", "fp16", "cuda"),
     "ort-fp32": ("onnxruntime", "fp32", "cpu"),
     "ort-int8": ("onnxruntime", "int8", "cpu"),
     "ort-fp16": ("onnxruntime", "fp16", "cpu"),
@@ -93,13 +95,15 @@ def _cuda_device() -> str | None:
 
 def _skip_reason(name: str, bundle) -> str | None:
     kind, precision, device = BACKENDS[name]
-    if kind == "reference" and device == "cuda" and _cuda_device() is None:
+    reference = kind.startswith("reference")
+    if reference and device == "cuda" and _cuda_device() is None:
         return "no CUDA device visible to PyTorch here"
-    if kind == "ort-cuda":
-        import onnxruntime
+    if kind == "ort-cuda":  # the same checks as `item doctor --backend ort-cuda`, with its fix
+        from itemrt.doctor import check_ort_cuda, cuda_state
 
-        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-            return "this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)"
+        why, fix = check_ort_cuda(cuda_state())
+        if why is not None:
+            return f"{why}" + (f"; fix: {fix}" if fix else "")
     if kind == "tensorrt":
         if importlib.util.find_spec("tensorrt") is None:
             return "TensorRT is not installed here (the GPU path: `item build` on the target machine)"
@@ -110,7 +114,7 @@ def _skip_reason(name: str, bundle) -> str | None:
 
         if (why := bf16_support()) is not None:
             return why
-    if kind != "reference" and precision not in bundle.precisions():  # the reference runs torch, not graphs
+    if not reference and precision not in bundle.precisions():  # the reference runs torch, not graphs
         return f"the bundle has no {precision} graphs (not in `item export --precisions`, or none passed its gate)"
     return None
 

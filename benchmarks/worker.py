@@ -54,11 +54,14 @@ def run_runtime(args) -> dict:
 
     images = [load_image(p) for p in args.images]  # decode is timed below, from the file bytes
     blobs = [Path(p).read_bytes() for p in args.images]
+    cuda = CudaStages() if args.backend == "ort-cuda" else None  # device time per stage, GPU memory
     t0 = time.perf_counter()
     rt = Runtime(args.bundle, precision=args.precision, backend=args.backend, threads=args.threads,
                  parallel=args.parallel, max_batch=max([1, *args.batch_sizes]))  # a batch size is one pass
     load_s = time.perf_counter() - t0
     cache = rt.clip.cache
+    if cuda is not None:
+        cuda.instrument(rt)
 
     def once(i: int):
         if args.text_cache == "cold":
@@ -71,9 +74,15 @@ def run_runtime(args) -> dict:
                 timings["captioner_decoder_per_token"] = v / max(1, len(r.caption_tokens))
         out = {"tokens": r.caption_tokens, "words": [o.word for o in r.objects],
                "found": [o.found for o in r.objects], "p_fake": r.p_fake}
+        if cuda is not None:
+            gpu_runs.append(cuda.take())
         return out, timings
 
+    gpu_runs: list[dict[str, float]] = []
     result = _measure(once, args, load_s)
+    if cuda is not None:
+        cuda.on = False  # concurrent callers below: one pair of events cannot time them
+        result.update(gpu=cuda.name, gpu_runs=gpu_runs[len(gpu_runs) - args.runs:])
     hits0, misses0 = cache.hits, cache.misses
     result["text_cache"] = {"mode": args.text_cache, "hits": hits0, "misses": misses0,
                             "hit_rate": hits0 / max(1, hits0 + misses0)}
@@ -81,6 +90,11 @@ def run_runtime(args) -> dict:
     result["precisions"] = rt.precisions
     result["throughput"] = _throughput(rt, images, args)
     result["throughput"]["peak_rss_mb"] = _peak_rss_mb()  # larger batches hold more activations
+    if cuda is not None:
+        result["gpu_peak_mb"] = cuda.memory.stop()
+        decoder = rt.sessions["captioner_decoder"]
+        _log(f"decoder CUDA graphs: {decoder.graphs_off or 'on'}")
+        result["gpu_busy"] = _gpu_busy(once)  # imports torch, after RSS was read
     rt.close()
     rt = None  # free its sessions before the profiling pass loads the graphs again
     gc.collect()
@@ -198,6 +212,107 @@ def _profile(args, Runtime, blobs, ran: dict[str, str]) -> tuple[list[dict[str, 
     return flops, ops
 
 
+# --- ONNX Runtime on CUDA: device time per stage, GPU memory ---------------------------------
+
+
+def _check(result):
+    """cuda-bindings returns (error, *values): raise on error, return the values."""
+    err, *rest = result
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA error {err}")
+    return rest[0] if len(rest) == 1 else rest
+
+
+class CudaStages:
+    """Every ort-cuda session runs on one CUDA stream made here (`Device.stream`), so CUDA events
+    on it bracket each graph run and decoder step: device time per stage, like the reference's
+    `gpu_runs`. Also samples the GPU memory in use (`memory`). cuda-bindings, no torch."""
+
+    def __init__(self):
+        from cuda.bindings import runtime as cudart
+        from itemrt.backends import BACKENDS, OrtCudaBackend
+        from itemrt.backends.ort_cuda import Device
+
+        self.rt = cudart
+        self.stream = _check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking))
+        self.start, self.end = _check(cudart.cudaEventCreate()), _check(cudart.cudaEventCreate())
+        prop = _check(cudart.cudaGetDeviceProperties(0))
+        self.name = (prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)).strip("\x00")
+        self.ms: dict[str, float] = {}
+        self.on = True
+        self.memory = GpuMemory()  # the level before the runtime loads: its own context counted out
+
+        class OnThisStream(OrtCudaBackend):
+            device = Device("cuda", stream=int(self.stream))
+
+        BACKENDS["ort-cuda"] = OnThisStream  # this worker process only
+
+    def timed(self, stage: str, fn):
+        rt = self.rt
+
+        def call(*a, **k):
+            if not self.on:
+                return fn(*a, **k)
+            _check(rt.cudaEventRecord(self.start, self.stream))
+            out = fn(*a, **k)  # ONNX Runtime has synchronized the stream when a run returns
+            _check(rt.cudaEventRecord(self.end, self.stream))
+            _check(rt.cudaEventSynchronize(self.end))
+            self.ms[stage] = self.ms.get(stage, 0.0) + _check(rt.cudaEventElapsedTime(self.start, self.end))
+            return out
+
+        return call
+
+    def instrument(self, runtime) -> None:
+        """Time each session's runs and its decoder steps (instance attributes: the stages call them)."""
+        for name, s in runtime.sessions.items():
+            s.run, s.run_on_device = self.timed(name, s.run), self.timed(name, s.run_on_device)
+
+            def kv_loop(cross, kv_shape, _open=s.kv_loop, _name=name):
+                kv = _open(cross, kv_shape)
+                kv.step = self.timed(_name, kv.step)
+                return kv
+
+            s.kv_loop = kv_loop
+
+    def take(self) -> dict[str, float]:
+        out, self.ms = self.ms, {}
+        return out
+
+
+class GpuMemory:
+    """Peak GPU memory in use while measuring, over the level when it started, sampled every
+    2 ms on a thread (NVML where nvidia-ml-py is installed, else cudaMemGetInfo)."""
+
+    def __init__(self):
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self.used = lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used
+        except Exception:  # noqa: BLE001 - no NVML: the runtime API answers too
+            from cuda.bindings import runtime as cudart
+
+            def used():
+                free, total = _check(cudart.cudaMemGetInfo())
+                return total - free
+
+            self.used = used
+        self.base = self.peak = self.used()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self.used())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return (self.peak - self.base) / 2**20
+
+
 # --- PyTorch reference ----------------------------------------------------------------------
 
 
@@ -213,6 +328,8 @@ def run_reference(args) -> dict:
     t0 = time.perf_counter()
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.precision]
     ref = reference_for_bundle(args.bundle).to(args.device, dtype)
+    if args.backend == "reference-compile":
+        compile_reference(ref)  # compiled lazily: the warm-up runs pay for it
     load_s = time.perf_counter() - t0
 
     gpu_runs = []
@@ -229,8 +346,12 @@ def run_reference(args) -> dict:
 
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    t_warm = time.perf_counter()
     result = _measure(once, args, load_s)
-    result["precisions"] = {"all": f"{args.precision} (PyTorch eager, {args.device}; head fp32 on the CPU)"}
+    how = "torch.compile" if args.backend == "reference-compile" else "PyTorch eager"
+    result["precisions"] = {"all": f"{args.precision} ({how}, {args.device}; head fp32 on the CPU)"}
+    if args.backend == "reference-compile":  # warm-up (compilation) and timed runs together
+        result["load_s"] += time.perf_counter() - t_warm - sum(r["total"] for r in result["runs"]) / 1e3
     if args.device == "cuda":
         result["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         result["gpu"] = torch.cuda.get_device_name(0)
@@ -238,6 +359,17 @@ def run_reference(args) -> dict:
         result["gpu_busy"] = _gpu_busy(once)
     result["word_queries"] = "text towers on every image"
     return result
+
+
+def compile_reference(ref) -> None:
+    """torch.compile each model's forward in place (what `generate` and the stages call): the
+    vision towers, BLIP's text decoder (dynamic shapes: its cache grows a token a step), the
+    detector and CLIP's towers. The default mode: CUDA graphs (reduce-overhead) would re-record
+    at every cache length."""
+    m = ref.m
+    for module in (m.blip.vision_model, m.owl, m.clip.vision_model, m.clip.text_model):
+        module.compile()
+    m.blip.text_decoder.compile(dynamic=True)
 
 
 def _gpu_busy(once) -> dict:
@@ -253,8 +385,9 @@ def _gpu_busy(once) -> dict:
     if not ops:
         return {"error": "the profiler recorded no CUDA activity"}
     busy = sum(e.self_device_time_total for e in ops) / 1e3
+    h2d = sum(e.self_device_time_total for e in ops if "HtoD" in e.key) / 1e3  # host-to-device copies
     return {"device_ms": busy, "ops": sum(e.count for e in ops), "wall_ms": timings["total"],
-            "busy_share": busy / timings["total"]}
+            "busy_share": busy / timings["total"], "h2d_ms": h2d}
 
 
 # --- shared ---------------------------------------------------------------------------------
@@ -278,7 +411,7 @@ def _measure(once, args, load_s: float) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--backend", choices=["reference", *BACKENDS], required=True)
+    p.add_argument("--backend", choices=["reference", "reference-compile", *BACKENDS], required=True)
     p.add_argument("--precision", default="fp32")
     p.add_argument("--device", default="cpu", help="the reference chain's device (cpu, cuda)")
     p.add_argument("--bundle", required=True)
@@ -294,7 +427,7 @@ def main() -> None:
     p.add_argument("--callers", type=int, nargs="*", default=[1])
     p.add_argument("--throughput-repeats", type=int, default=2)
     args = p.parse_args()
-    result = run_reference(args) if args.backend == "reference" else run_runtime(args)
+    result = run_reference(args) if args.backend.startswith("reference") else run_runtime(args)
     print(json.dumps(result))
 
 

@@ -252,6 +252,64 @@ def test_backend_entries():
     assert issubclass(OrtCudaBackend, OrtGpuBackend)  # fp16 where gated, fp32/fp16 only
 
 
+# --- the prepared GPU check, rehearsed ----------------------------------------------------------
+
+
+def test_wheel_parts_are_joined_and_checked(tmp_path):
+    import hashlib
+
+    from itemrt.bench.gpu_check import join_parts
+
+    sent, joined = tmp_path / "sent", tmp_path / "joined"
+    sent.mkdir()
+    data = bytes(range(256)) * 1000
+    name = "pkg-1.0-py3-none-any.whl"
+    (sent / f"{name}.sha256").write_text(hashlib.sha256(data).hexdigest() + f"  {name}\n")
+    for i in range(3):
+        (sent / f"{name}.part-{i:02d}").write_bytes(data[i * 100_000 : (i + 1) * 100_000])
+    (sent / "other-2.0-py3-none-any.whl").write_bytes(b"whole")
+    wheels = join_parts(sent, joined)
+    assert [w.name for w in wheels] == ["other-2.0-py3-none-any.whl", name]
+    assert (joined / name).read_bytes() == data
+    (sent / f"{name}.part-01").unlink()  # a part that never arrived
+    with pytest.raises(ValueError, match="sha256"):
+        join_parts(sent, joined)
+
+
+def test_gpu_check_rehearses_on_cpu(tiny_bundle, tmp_path):
+    """The whole prepared GPU run on this CPU: every step runs or says why not, and the report
+    is written; ort-cuda's parity step runs its own code on the CPU provider."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--cpu", "--bundle", str(tiny_bundle),
+           "--work", str(tmp_path / "work"), "--out", str(out), "--runs", "1", "--warmup", "1", "--batch-sizes", "1",
+           "--skip", "tests", "bench-compile", "--budget-s", "500"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rep = json.loads((out / "gpu-check.json").read_text())
+    steps = rep["steps"]
+    assert rep["mode"] == "cpu rehearsal"
+    assert [steps[s]["status"] for s in ("environment", "install", "export", "doctor", "parity")] == ["ok"] * 5
+    assert steps["doctor"]["detail"].startswith("ort-cuda cannot run here")
+    parity = steps["parity"]["data"]
+    assert parity["passed"] and parity["backend"] == "ort-cuda-cpu" and len(parity["runs"]) >= 5
+    assert all(r["same_as_first_time"] for r in parity["runs"])
+    bench = steps["bench-ort"]["data"]["backends"]
+    assert bench["ort-cuda-fp16"]["status"] == "skipped" and "CUDAExecutionProvider" in bench["ort-cuda-fp16"]["reason"]
+    assert bench["ort-fp16"]["status"] == "ok" and bench["ort-fp16"]["outputs_match_reference"]
+    eager = steps["bench-eager"]["data"]["backends"]["reference-cuda-fp16"]
+    assert eager["status"] == "skipped" and "CUDA" in eager["reason"]
+    assert "bench-compile" not in steps
+    assert rep["goals"]["p50_ms"]["status"] == "not measured" and rep["goals"]["outputs_kept"]["status"] == "met"
+    assert (out / "gpu-check.md").read_text().startswith("# GPU check (cpu rehearsal)")
+    assert (out / "bench-ort.json").exists()
+
+
 # --- the CUDA provider itself, where it exists -------------------------------------------------
 
 
