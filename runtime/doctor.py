@@ -242,16 +242,16 @@ def cuda_libraries(major: int) -> Finding:
 
     found = {soname: find_library(soname) for soname in needed(major)}
     missing = [s for s, required in needed(major).items() if required and found[s] is None]
-    where = ", ".join(f"{s} ({'system' if w == 'system' else 'pip' if w else 'missing'})" for s, w in found.items())
+    have = ", ".join(f"{s} ({'system' if w == 'system' else 'pip'})" for s, w in found.items() if w)
     runtime = found.get(f"libcudart.so.{major}")
     version = _library_version(f"libcudart.so.{major}" if runtime == "system" else runtime,
                                "cudaRuntimeGetVersion") if runtime else None
     head = f"CUDA runtime {_version(version)}; " if version else ""
     if missing:
-        return Finding(False, f"{head}missing {', '.join(missing)}; {where}",
+        return Finding(False, f"{head}missing {', '.join(missing)}" + (f"; found {have}" if have else ""),
                        f"pip install 'onnxruntime-gpu[cuda,cudnn]=={ORT_GPU}' (brings NVIDIA's CUDA {major} "
                        f"and cuDNN 9 wheels), or put CUDA {major}'s lib folder on LD_LIBRARY_PATH")
-    return Finding(True, head + where)
+    return Finding(True, head + have)
 
 
 @guarded
