@@ -20,6 +20,8 @@ import os
 import platform
 import re
 import sys
+import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -306,20 +308,32 @@ def _distribution_version(name: str) -> str | None:
 
 
 def probe_session(provider: str) -> str | None:
-    """None when ONNX Runtime opens a one-node session on `provider` (no fallback), else its error."""
+    """None when ONNX Runtime opens a one-node session on `provider`, else why not, in its own
+    words: a provider whose libraries do not load is only logged (to the process's stderr, read
+    back here) while the session quietly opens on the CPU."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
-    quiet = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(quiet):  # ORT prints its EP errors; the message is the finding
-            s = ort.InferenceSession(PROBE_MODEL, so, providers=[provider], enable_fallback=0)
-    except Exception as e:  # noqa: BLE001 - ORT raises its own types
-        return str(e).strip()
-    if provider not in s.get_providers():
-        return f"ONNX Runtime opened the session on {s.get_providers()} instead"
-    return None
+    so.log_severity_level = 3  # errors only
+    with tempfile.TemporaryFile() as err:
+        saved = os.dup(2)
+        os.dup2(err.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(record=True) as warned:
+                warnings.simplefilter("always")
+                s = ort.InferenceSession(PROBE_MODEL, so, providers=[provider], enable_fallback=0)  # it prints EP errors
+            failure = None if provider in s.get_providers() else f"the session opened on {s.get_providers()} instead"
+        except Exception as e:  # noqa: BLE001 - ORT raises its own types
+            failure, warned = str(e).strip(), []
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        err.seek(0)
+        logged = err.read().decode(errors="replace")
+    if failure is None:
+        return None
+    said = [line.split("] ", 1)[-1].strip() for line in logged.splitlines() if "error" in line.lower()]
+    return "; ".join([failure, *said[:2], *(str(w.message) for w in warned[:1])])
 
 
 def check_ort_cuda(state: CudaState, provider: str = "CUDAExecutionProvider") -> tuple[str | None, str | None]:

@@ -110,6 +110,17 @@ def test_cpu_features_and_jetpack_are_read_from_their_files(tmp_path):
     assert "probe failed" in jetpack(release).detail
 
 
+def test_a_provider_is_proven_by_a_session():
+    import onnxruntime as ort
+
+    from itemrt.doctor import probe_session
+
+    assert probe_session("CPUExecutionProvider") is None
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or NO_DRIVER:
+        why = probe_session("CUDAExecutionProvider")
+        assert why and "CPUExecutionProvider" in why  # ONNX Runtime opened it on the CPU, and it is said
+
+
 def test_the_cuda_probe_never_raises():
     state = cuda_state()
     assert (state.driver is None) == (state.error is not None and not state.gpus)

@@ -329,18 +329,28 @@ def test_without_the_cuda_provider_ort_cuda_names_the_package(tiny_bundle):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_ort_cuda_on_a_gpu_keeps_the_answers(tiny_bundle, samples, precision):
+def test_ort_cuda_on_a_gpu_keeps_the_answers(tiny_bundle, samples, monkeypatch, precision):
+    """On the CUDA provider, every image again after others (replayed CUDA graphs must read the
+    new image): each gives the caption it gave the first time, and different images different
+    ones. FP32 without TF32 gives the host's tokens too; FP16 keeps the decisions."""
     if why := _cuda_ready():
         pytest.skip(why)
-    with Runtime(tiny_bundle, precision="fp32") as host, Runtime(tiny_bundle, precision=precision, backend="ort-cuda") as gpu:
+    name = device_backend(monkeypatch, "ort-cuda-exact", Device("cuda", cuda_options={"use_tf32": "0"}))
+    with Runtime(tiny_bundle, precision="fp32") as host, Runtime(tiny_bundle, precision=precision, backend=name) as gpu:
         decoder = gpu.sessions["captioner_decoder"]
-        order = [0, 1, 0, 2, 1, 3, 0]  # every image again after others: CUDA graphs replayed
+        order = [0, 1, 0, 2, 1, 3, 0, 3, 2]
         want = {i: host.detect(samples[i]) for i in set(order)}
+        first = {}
         for i in order:
             got = gpu.detect(samples[i])
-            assert got.caption_tokens == want[i].caption_tokens, (i, decoder.graphs_off)
-            assert [o.word for o in got.objects] == [o.word for o in want[i].objects]
-            assert got.label == want[i].label and abs(got.p_fake - want[i].p_fake) < 1e-3
+            assert first.setdefault(i, got.caption_tokens) == got.caption_tokens, (i, decoder.graphs_off)
+            assert got.label == want[i].label
+            if precision == "fp32":
+                assert got.caption_tokens == want[i].caption_tokens, (i, decoder.graphs_off)
+                assert [o.word for o in got.objects] == [o.word for o in want[i].objects]
+                assert abs(got.p_fake - want[i].p_fake) < 1e-4
+        if len({tuple(w.caption_tokens) for w in want.values()}) > 1:
+            assert len({tuple(t) for t in first.values()}) > 1
         batch = gpu.detect_batch(samples)
-        assert [r.caption_tokens for r in batch] == [want[i].caption_tokens for i in range(len(samples))]
+        assert [r.caption_tokens for r in batch] == [first[i] for i in range(len(samples))]
         print(f"ort-cuda {precision}: decoder CUDA graphs: {decoder.graphs_off or 'on'}")
