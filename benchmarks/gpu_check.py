@@ -243,7 +243,7 @@ class Check:
         step.detail = "ort-cuda runs here" if ort_cuda["ok"] else f"ort-cuda cannot run here: {ort_cuda['why']}"
 
     def tests(self, step: Step) -> None:
-        rc, log = self.child(self.python("-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+        rc, log = self.child(self.python("-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k", "not rehearses_on_cpu",
                                          "tests/test_ort_cuda.py", "tests/test_doctor.py"),
                              min(self.left(), self.args.tests_s), self.work / "logs" / "tests.log")
         step.log = log

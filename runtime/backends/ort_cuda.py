@@ -426,6 +426,7 @@ class DeviceKV:
 
     def _bind_cross(self) -> None:
         self.io = self.s._sess.io_binding()  # bindings belong to the session that made them
+        self._io_session = self.s._sess
         for name, x in self.cross.items():
             x.bind(self.io, name)
 
@@ -480,13 +481,14 @@ class DeviceKV:
             if not new:
                 raise
             s._fall_back(f"{s.name}: CUDA graph capture failed at past length {t}: {e}")
-            self._bind_cross()
             with GATE.shared():
                 logits = self._step(ids, t, buffered, graph_id)
         self.t += 1
         return logits
 
     def _step(self, ids: np.ndarray, t: int, buffered: bool, graph_id: int | None) -> np.ndarray:
+        if self._io_session is not self.s._sess:  # another thread's failed capture reopened the session
+            self._bind_cross()
         s, io, b = self.s, self.io, self.buf
         kind, dev = s.device.kind, s.device.id
         past = [*self.kv_shape[:4], t, *self.kv_shape[5:]]
