@@ -15,7 +15,8 @@ class KVLoop(Protocol):
 
 
 class Session(Protocol):
-    """One graph on one engine: OrtSession (ort.py), OvSession (openvino.py), TrtSession (tensorrt.py)."""
+    """One graph on one engine: OrtSession (ort.py), OrtDeviceSession (ort_cuda.py), OvSession (openvino.py),
+    TrtSession (tensorrt.py)."""
 
     name: str
     inputs: dict[str, type]
@@ -23,6 +24,8 @@ class Session(Protocol):
     # True: `run_on_device` leaves outputs on the device and `kv_loop` takes them as they are
     resident: bool
 
+    # Host arrays by name. A resident session may leave the outputs the chain hands unchanged to
+    # another graph on the device (ort_cuda.HANDOFFS); such a value takes `np.asarray` to be read.
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]: ...
 
     def run_on_device(self, feeds: dict[str, np.ndarray]) -> dict: ...
