@@ -334,7 +334,7 @@ class OrtDeviceSession(OrtSession):
 
     def close(self) -> None:
         """Release captured graphs and device buffers; the session goes with the object."""
-        release = getattr(self._sess, "release_captured_graph", None)  # onnxruntime >= 1.30
+        release = getattr(self._sess, "release_captured_graph", None)  # newer onnxruntime only
         with self._lock:
             for w in self._workers:
                 if release is not None:
@@ -366,7 +366,7 @@ class _Buffers:
     kv: tuple  # two OrtValues, each (layers, 2, batch, heads, max_steps, head_dim)
     ids: object  # OrtValue (batch, 1) int64
     logits: object | None  # OrtValue, or None where the graph's logits shape is not fixed
-    cross: dict = field(default_factory=dict)  # stacked cross-K/V shape -> OrtValue
+    cross: dict = field(default_factory=dict)  # (stacked shape, K or V by order) -> OrtValue
 
 
 class _KVWorker:
@@ -406,8 +406,8 @@ class DeviceKV:
     and cross K/V are first copied (device to device, once a caption) into buffers of the
     worker, so every address a step binds is fixed per (batch, t): each such step is one
     `gpu_graph_id`, captured once on CUDA and replayed with new contents after that. Steps
-    past the buffers' `max_steps` run unbuffered (no graph), as do all steps once capture has
-    failed. One caption at a time per thread: the worker's buffers are reused.
+    past the buffers' `max_steps` run unbuffered and without a graph; once capture has failed,
+    every step runs without one. One caption at a time per thread: the worker's buffers are reused.
     """
 
     def __init__(self, session: OrtDeviceSession, worker: _KVWorker, cross: dict, kv_shape: tuple[int, ...]):
