@@ -360,8 +360,7 @@ def run_reference(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     t_warm = time.perf_counter()
     result = _measure(once, args, load_s)
-    how = "torch.compile; load_s includes compiling, in the warm-up runs" if args.backend == "reference-compile" \
-        else "PyTorch eager"
+    how = "torch.compile, compiled during warm-up (in load_s)" if args.backend == "reference-compile" else "PyTorch eager"
     result["precisions"] = {"all": f"{args.precision} ({how}, {args.device}; head fp32 on the CPU)"}
     if args.backend == "reference-compile":  # warm-up (compilation) and timed runs together
         result["load_s"] += time.perf_counter() - t_warm - sum(r["total"] for r in result["runs"]) / 1e3
