@@ -8,6 +8,7 @@ checked against the PyTorch towers.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,18 +35,28 @@ def build_bank(root: Path, words: Words, detector: Detector, clip: Clip, progres
     objects = Vocabulary.load(root / words.vocabulary).objects
 
     def tower(name: str, spec: TokenizerSpec, output: str) -> TextTower:
-        return TextTower(OrtSession(root / f"{name}.onnx", name, opts), TextTokenizer(root / spec.file, spec), output)
+        session = OrtSession(root / f"{name}.onnx", name, opts)
+        if isinstance(session.shapes["input_ids"][1], str):
+            # Both text towers are causal and pool at the end-of-text token, so what follows it
+            # (padding) changes nothing: pad to the batch's longest, not the processor's fixed length.
+            spec = replace(spec, padding="longest")
+        return TextTower(session, TextTokenizer(root / spec.file, spec), output)
 
     det = tower("detector_text", detector.tokenizer, "query_embeds")
     text = tower("clip_text", clip.tokenizer, "text_embeds")
+    # words of a token length together: little padding in any batch; rows go back to vocabulary order
+    _, mask = text.tokenizer([clip.word_template.format(w) for w in objects])
+    order = sorted(range(len(objects)), key=lambda i: (int(mask[i].sum()), i))
     bar = Progress("word bank", len(objects), progress)
     clip_rows, det_rows = [], []
-    for first in range(0, len(objects), BATCH):
-        batch = objects[first : first + BATCH]
+    for first in range(0, len(order), BATCH):
+        batch = [objects[i] for i in order[first : first + BATCH]]
         clip_rows.append(text([clip.word_template.format(w) for w in batch]))
         det_rows.append(det([detector.query_template.format(w) for w in batch]))
         bar.update(len(batch))
-    bank = {"words": np.asarray(objects), "clip": np.concatenate(clip_rows), "detector": np.concatenate(det_rows)}
+    back = np.argsort(order)
+    bank = {"words": np.asarray(objects), "clip": np.concatenate(clip_rows)[back],
+            "detector": np.concatenate(det_rows)[back]}
     np.savez(root / words.bank, **bank)
     return bank
 

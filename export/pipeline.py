@@ -251,9 +251,11 @@ def _write_bundle(root: Path, m: Models, images, head_cfg: dict, opt: Settings, 
                      "pred_boxes": batch}, (px["detector"],))
     qtexts = [opt.query_template.format(w) for w in ("dog", "traffic light", "person")]
     q = m.owl_tokenizer(qtexts, padding="max_length", return_tensors="pt")
+    # any length: the word bank pads to the longest query of a batch (export/bank.py)
     (queries,) = build("detector_text", graphs.OwlText(m.owl), (q["input_ids"], q["attention_mask"]),
                        ["input_ids", "attention_mask"], ["query_embeds"],
-                       {"input_ids": batch, "attention_mask": batch, "query_embeds": batch},
+                       {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+                        "query_embeds": batch},
                        (q["input_ids"], q["attention_mask"]))
     qb = queries[None].expand(b, -1, -1).contiguous()
     build("detector_head", graphs.OwlHead(), (*(t[:2] for t in owl_out[:3]), qb[:2]),

@@ -60,6 +60,7 @@ class OrtSession(HostSession):
             raise BundleError(f"ONNX Runtime could not load {name} from {path}: {e}") from None
         self.name = name
         self.inputs = {i.name: _ORT_DTYPES.get(i.type) for i in self._sess.get_inputs()}
+        self.shapes = {i.name: tuple(i.shape) for i in self._sess.get_inputs()}  # a str marks a dynamic axis
         self.outputs = [o.name for o in self._sess.get_outputs()]
 
     def end_profiling(self) -> str:
