@@ -97,7 +97,7 @@ def _differences(answer: dict, expected: dict) -> dict:
     return {k: (got.get(k), v) for k, v in want.items() if k not in ("timings_ms", "bundle") and got.get(k) != v}
 
 
-def _ray_metrics(cluster, want: str, timeout_s: float = 30.0) -> str:
+def _ray_metrics(cluster, want: str, timeout_s: float = 90.0) -> str:
     """Ray's Prometheus text for this node, once it has a line matching `want`."""
     deadline = time.monotonic() + timeout_s
     while True:
