@@ -9,6 +9,7 @@ them in itemrt's cache, one folder per size and seed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -26,8 +27,10 @@ _CAPTION_WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "is", "are"
 
 
 def random_checkpoints(size: str, seed: int, progress=print) -> dict[str, Source]:
-    """Random-init folders, cached per size and seed (building the full size takes a while)."""
-    root = cache_dir() / "random-init" / f"{size}-seed{seed}"
+    """Random-init folders, cached per size, seed and what they are made from (building the full
+    size takes a while; a new config or vocabulary must not reuse tokenizers made for the old)."""
+    made_from = json.dumps([size_config(size), _corpus()], sort_keys=True).encode()
+    root = cache_dir() / "random-init" / f"{size}-seed{seed}-{hashlib.sha256(made_from).hexdigest()[:12]}"
     if not (root / "done").is_file():
         tmp = Path(tempfile.mkdtemp(prefix=f".{size}-", dir=root.parent if root.parent.exists() else None))
         build_random_checkpoints(size, tmp, seed, progress)

@@ -666,7 +666,7 @@ def _demo_table(name: str, r, explain: Path) -> list[str]:
     lines), each object word with found or not, its distance and box, and the picture's file."""
     width = max(60, min(DEMO_WIDTH, shutil.get_terminal_size((DEMO_WIDTH, 24)).columns))
     note = "" if r.trained else "  [untrained head: p(fake) means nothing]"
-    label = "  {:<10}".format
+    label = "  {:<12}".format  # the longest label, "provenance", and two spaces
     pad = " " * len(label(""))
     lines = [f"{name}: {r.label.upper()}  p(fake) {r.p_fake:.4f}  threshold {r.threshold:.2f}{note}"]
     caption = textwrap.wrap(r.caption, width - len(pad), max_lines=2, placeholder=" ...") or ["(empty)"]

@@ -194,8 +194,8 @@ def _demo_blocks(stdout: str) -> dict[str, dict[str, list[str]]]:
         table: dict[str, list[str]] = {"verdict": [head]}
         label = ""
         for line in rows:
-            label = line[2:12].strip() or label  # a continuation line belongs to the row above
-            table.setdefault(label, []).append(line[12:])
+            label = line[2:14].strip() or label  # a continuation line belongs to the row above
+            table.setdefault(label, []).append(line[14:])
         blocks[head.split(": ")[0]] = table
     return blocks
 
@@ -241,9 +241,9 @@ def test_demo_table_cuts_a_long_caption_and_says_when_no_object_was_named(monkey
                         global_distance=0.8, objects=[], image_size=(64, 64), bundle="b")
     lines = _demo_table("x.jpg", r, Path("pics/x.explain.png"))
     assert lines[0] == "x.jpg: FAKE  p(fake) 0.9000  threshold 0.50"
-    assert lines[1].startswith("  caption   word0 word1") and lines[2].endswith(" ...")
-    assert caption.startswith((lines[1][12:] + " " + lines[2][12:])[: -len(" ...")])
-    assert lines[4] == "  objects   none: no object word in the caption"
+    assert lines[1].startswith("  caption     word0 word1") and lines[2].endswith(" ...")
+    assert caption.startswith((lines[1][14:] + " " + lines[2][14:])[: -len(" ...")])
+    assert lines[4] == "  objects     none: no object word in the caption"
     assert max(map(len, lines)) <= 80
 
 
