@@ -381,8 +381,9 @@ def _features(args) -> int:
     samples = load_dataset(args.dataset, tuple(args.split_ratios))
     if args.engine == "ray":
         return _features_on_ray(args, samples)
+    # a batch is one pass; the feature store keeps no provenance, so none is read
     with Runtime(args.bundle, threads=args.threads, precision=args.precision, backend=args.backend,
-                 max_batch=args.batch_size) as rt:  # a batch is one pass
+                 max_batch=args.batch_size, provenance=False) as rt:
         try:
             s = extract(rt, samples, args.out, perturbation=args.perturb or "", batch_size=args.batch_size,
                         dataset=str(args.dataset.resolve()), progress=_stderr)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .provenance import Provenance
 from .stages.recipe import Pairs
@@ -34,7 +34,7 @@ class DetectionResult:
     provenance: Provenance | None = None
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = asdict(replace(self, provenance=None))  # converted once, with its summary, below
         d["provenance"] = self.provenance.to_dict() if self.provenance is not None else None
         return d
 

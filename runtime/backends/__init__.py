@@ -130,7 +130,7 @@ class OrtCudaBackend(OrtGpuBackend):
     def open(self, graph: str) -> tuple[Session, str]:
         path, precision = self.bundle.component_path(graph, self.precision)
         options = replace(self.options, optimization=self.options.optimization_for(precision))
-        steps = int(self.bundle.manifest["captioner"]["decoding"]["max_new_tokens"])
+        steps = self.bundle.spec.captioner.decoding.max_new_tokens
         session = OrtDeviceSession(path, graph, options, self.device, keep=HANDOFFS.get(graph, ()),
                                    capture=graph == "captioner_decoder", max_steps=steps)
         return session, precision

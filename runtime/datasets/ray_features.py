@@ -61,9 +61,9 @@ class ChainSettings:
     perturbation: str = ""
 
     def open(self) -> Runtime:
-        # a chunk is one pass, as in `item features` without Ray
+        # a chunk is one pass, and no provenance is read, as in `item features` without Ray
         return Runtime(self.bundle, precision=self.precision, backend=self.backend, threads=self.threads,
-                       max_batch=self.batch_size)
+                       max_batch=self.batch_size, provenance=False)
 
 
 class ListedError(ImageError):
