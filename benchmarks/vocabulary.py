@@ -30,7 +30,7 @@ import json
 import sys
 from pathlib import Path
 
-from itemrt.stages.words import DEFAULT_VOCABULARY, FORMAT, Rules, Vocabulary, _norm, plural_forms
+from itemrt.stages.words import DEFAULT_VOCABULARY, FORMAT, Rules, Vocabulary, plural_forms
 
 from . import words as bench
 

@@ -370,7 +370,7 @@ def check_backend(name: str, state: CudaState, bundle=None) -> tuple[str | None,
         return check_ort_cuda(state)
     if name == "ort-tensorrt":
         why, fix = check_ort_cuda(state, "TensorrtExecutionProvider")
-        if why is None and (lib := _find("libnvinfer.so.10")) is None:
+        if why is None and _find("libnvinfer.so.10") is None:
             return "TensorRT 10's libnvinfer.so.10 is not found", TENSORRT_INSTALL
         return why, fix
     if name == "tensorrt":

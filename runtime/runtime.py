@@ -21,7 +21,6 @@ from .backends.base import Session
 from .bundle import Bundle
 from .errors import (
     BundleIntegrityError,
-    BundleVersionError,
     ImageError,
     RuntimeClosedError,
 )

@@ -19,9 +19,8 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from PIL import Image
-
 from ..errors import QueueFull
+from ..stages.images import ImageInput
 
 log = logging.getLogger(__name__)
 
